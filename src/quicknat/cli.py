@@ -1,0 +1,158 @@
+"""The ``quicknat`` command: a thin layer that parses flags and calls the API functions.
+
+Every subcommand shares the same meaning for ``--device``, ``--batch-size``, ``--threads`` and
+``-v``. Bad input ends with one line ``quicknat: error: FILE: problem`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ModelNotFoundError, QuicknatError, QuicknatInputError
+
+log = logging.getLogger("quicknat")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # usage errors: one line, exit 2
+        self.exit(2, f"quicknat: error: {message}\n")
+
+
+def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    if batch:
+        p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quicknat", description="Fast whole-brain segmentation of T1 MRI with QuickNAT.")
+    parser.add_argument("--version", action="version", version=f"quicknat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("segment", help="segment T1 scans (files or folders)")
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
+                   help="scans or folders of scans; none: the bundled example scan")
+    p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: ./quicknat_out)")
+    p.add_argument("--model", default=None, help="installed model name or a model folder/checkpoint")
+    p.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo dropout passes for QC")
+    p.add_argument("--tissue", action="store_true", help="also write the tissue (CSF/GM/WM) segmentation")
+    p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
+    p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
+    p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
+    _common(p)
+    p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("prepare", help="prepare a data set (OASIS-1, FreeSurfer subjects, label maps)")
+    p.add_argument("source", choices=["oasis", "freesurfer", "labelmaps"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_yet("prepare"))
+
+    p = sub.add_parser("train", help="train QuickNAT views on a manifest")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_yet("train"))
+
+    p = sub.add_parser("evaluate", help="score segmentations against references")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_yet("evaluate"))
+
+    p = sub.add_parser("show", help="draw a scan (and a segmentation) in three planes")
+    p.add_argument("image", type=Path)
+    p.add_argument("--seg", type=Path, default=None)
+    p.add_argument("-o", "--output", type=Path, default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("report", help="HTML report of a training run or an evaluation")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_not_yet("report"))
+    return parser
+
+
+def _not_yet(name: str):
+    def run(args: argparse.Namespace) -> int:
+        print(f"quicknat: error: 'quicknat {name}' is not implemented yet", file=sys.stderr)
+        return 2
+
+    return run
+
+
+def _setup(args: argparse.Namespace) -> None:
+    level = logging.WARNING - 10 * min(2, getattr(args, "verbose", 0) + 1)
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .segment import segment_files
+
+    outcomes = segment_files(
+        args.inputs,
+        args.output,
+        model=args.model,
+        device=args.device,
+        batch_size=args.batch_size,
+        mc=args.mc,
+        tissue=args.tissue,
+        posteriors=args.posteriors,
+        uncertainty=args.uncertainty,
+        overlay=not args.no_overlay,
+        progress=sys.stderr.isatty(),
+    )
+    failed = [o for o in outcomes if o.error]
+    for o in failed:
+        print(f"quicknat: error: {o.error}", file=sys.stderr)
+    done = [o for o in outcomes if not o.error]
+    if done:
+        where = {str(p.parent) for o in done for p in o.outputs}
+        print(f"segmented {len(done)} scan(s); wrote to {', '.join(sorted(where))}")
+    if not failed:
+        return 0
+    single = len(outcomes) == 1 and not outcomes[0].from_folder
+    return 2 if single else 1
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from .io import load_volume, stem
+    from .report import save_overlay
+
+    image = load_volume(args.image)
+    seg = load_volume(args.seg) if args.seg else None
+    out = args.output or Path(f"{stem(args.image)}_show.png")
+    save_overlay(image, seg, out, title=args.image.name)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup(args)
+    try:
+        return int(args.func(args) or 0)
+    except (QuicknatInputError, ModelNotFoundError) as exc:
+        print(f"quicknat: error: {exc}", file=sys.stderr)
+        return 2
+    except QuicknatError as exc:
+        print(f"quicknat: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("quicknat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: phantoms, data sets, manifests and label-map synthesis."""

@@ -1,0 +1,254 @@
+"""Volume input/output: NIfTI, FreeSurfer MGZ/MGH and Analyze 7.5, with affine and header kept.
+
+Every reader returns a :class:`Volume`; every problem with a file raises
+:class:`~quicknat.errors.QuicknatInputError` naming the file. Writers are atomic: they write to a
+temporary name beside the target and rename, so a failed run leaves nothing half-written.
+
+Analyze 7.5 (``.img``/``.hdr``, as OASIS-1 ships) has no reliable orientation field. quicknat
+reads it in the radiological convention that OASIS-1 uses and that nibabel and SPM assume: the
+first voxel axis runs from the subject's right to left, the second posterior to anterior, the
+third inferior to superior (LAS), voxel sizes from the header, and the world origin at the
+centre of the volume::
+
+    affine = [[-dx, 0, 0,  dx * (nx - 1) / 2],
+              [0,  dy, 0, -dy * (ny - 1) / 2],
+              [0,  0, dz, -dz * (nz - 1) / 2],
+              [0,  0,  0,  1]]
+
+So voxels at low first index (the subject's right hemisphere in radiological storage) land at
+positive RAS x, on the right of the world.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from .errors import QuicknatInputError
+
+#: Suffixes of the volume files quicknat reads, longest first.
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr")
+
+
+@dataclass
+class Volume:
+    """A 3D array with its voxel-to-world (RAS, mm) affine, the source header and path."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    header: Any = None
+    path: Path | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.array.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel sizes in mm (lengths of the affine's columns)."""
+        return np.sqrt((self.affine[:3, :3] ** 2).sum(axis=0))
+
+    @property
+    def voxel_volume(self) -> float:
+        """Volume of one voxel in mm³."""
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same geometry and header with another array."""
+        return Volume(array, self.affine.copy(), self.header, self.path, dict(self.meta))
+
+
+def stem(path: str | Path) -> str:
+    """File name without a volume suffix (``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``)."""
+    name = Path(path).name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def is_volume_file(path: str | Path) -> bool:
+    """True for a file name quicknat can read (an Analyze pair counts once, by its ``.img``)."""
+    name = Path(path).name.lower()
+    return any(name.endswith(s) for s in VOLUME_SUFFIXES if s != ".hdr")
+
+
+def analyze_affine(shape: tuple[int, ...], zooms: tuple[float, ...]) -> np.ndarray:
+    """The documented LAS (radiological) affine quicknat gives Analyze 7.5 volumes."""
+    dx, dy, dz = (float(z) for z in zooms[:3])
+    nx, ny, nz = (int(s) for s in shape[:3])
+    return np.array(
+        [
+            [-dx, 0, 0, dx * (nx - 1) / 2],
+            [0, dy, 0, -dy * (ny - 1) / 2],
+            [0, 0, dz, -dz * (nz - 1) / 2],
+            [0, 0, 0, 1],
+        ],
+        dtype=np.float64,
+    )
+
+
+def _open(path: Path) -> Any:
+    name = path.name.lower()
+    try:
+        if name.endswith((".img", ".hdr")):
+            img_path = path.with_suffix(".img")
+            hdr_path = path.with_suffix(".hdr")
+            for p in (img_path, hdr_path):
+                if not p.exists():
+                    raise QuicknatInputError(path, f"Analyze volume is missing its {p.suffix} file")
+            # nib.load gives a NIfTI pair image when the header has the NIfTI magic; plain
+            # Analyze otherwise. Both are handled below.
+            return nib.load(str(img_path))
+        if name.endswith((".mgz", ".mgh")):
+            return nib.freesurfer.MGHImage.from_filename(str(path))
+        if name.endswith((".nii", ".nii.gz")):
+            return nib.load(str(path))
+    except QuicknatInputError:
+        raise
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise QuicknatInputError(path, f"cannot read as a volume ({_describe(exc)})") from None
+    raise QuicknatInputError(path, f"unsupported file type (expected one of {', '.join(VOLUME_SUFFIXES)})")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _raw_zooms(path: Path, img: Any) -> tuple[float, ...]:
+    """Voxel sizes as stored: nibabel's header check silently turns a zero size into 1."""
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if isinstance(img.header, nib.Nifti1Header | nib.AnalyzeHeader) and not isinstance(img, nib.MGHImage):
+        try:
+            src = path.with_suffix(".hdr") if path.name.lower().endswith((".img", ".hdr")) else path
+            with nib.openers.ImageOpener(str(src)) as fobj:
+                raw = type(img.header).from_fileobj(fobj, check=False)
+            stored = tuple(float(z) for z in raw["pixdim"][1:4])
+            if any(not np.isfinite(z) or z <= 0 for z in stored):
+                return stored
+        except Exception:  # the image itself loaded; keep nibabel's reading
+            pass
+    return zooms
+
+
+def load_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
+    """Load a 3D volume from NIfTI, MGZ/MGH or Analyze 7.5.
+
+    A trailing singleton 4th dimension is squeezed. Raises QuicknatInputError for a missing,
+    unreadable or truncated file, a 2D or real 4D image, non-finite voxels, or a degenerate
+    geometry (zero, negative or non-finite voxel sizes).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise QuicknatInputError(path, "file does not exist")
+    if path.is_dir():
+        raise QuicknatInputError(path, "is a folder, not a volume file")
+    img = _open(path)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise QuicknatInputError(path, f"cannot read the voxel data ({_describe(exc)}); truncated?") from None
+    data = np.asarray(data)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise QuicknatInputError(path, f"is {data.ndim}D with shape {data.shape}; quicknat needs one 3D scan")
+    if data.ndim < 3 or min(data.shape) < 2:
+        raise QuicknatInputError(path, f"is a 2D image (shape {data.shape}); quicknat needs a 3D scan")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise QuicknatInputError(path, f"has unsupported voxel type {data.dtype}")
+
+    zooms = _raw_zooms(path, img)
+    if len(zooms) < 3 or not all(np.isfinite(zooms)) or min(zooms) <= 0:
+        raise QuicknatInputError(path, f"has invalid voxel sizes {zooms} (must be positive)")
+    is_analyze = isinstance(img, nib.AnalyzeImage) and not isinstance(img, nib.Nifti1Pair)
+    affine = analyze_affine(data.shape, zooms) if is_analyze else np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise QuicknatInputError(path, "has a degenerate voxel-to-world affine (zero or non-finite)")
+
+    if np.issubdtype(data.dtype, np.floating) and not allow_nonfinite:
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = int(data.size - np.count_nonzero(finite))
+            what = "only NaN/Inf voxels" if bad == data.size else f"{bad} NaN/Inf voxels"
+            raise QuicknatInputError(path, f"has {what}")
+    return Volume(data, affine, img.header, path, {"format": type(img).__name__})
+
+
+def _atomic_target(path: Path) -> tuple[Path, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = path.name
+    suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp), suffix
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write text (UTF-8) atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_volume(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | Path,
+    *,
+    header: Any = None,
+    dtype: Any = None,
+) -> Path:
+    """Save an array as NIfTI (``.nii``/``.nii.gz``) or MGZ/MGH, atomically.
+
+    With ``header`` from a NIfTI input the output keeps that header (codes, units, description);
+    the affine written is ``affine`` exactly as far as the format's float32 storage allows.
+    """
+    path = Path(path)
+    dtype = np.dtype(dtype or array.dtype)
+    data = np.asarray(array, dtype=dtype)
+    tmp, suffix = _atomic_target(path)
+    try:
+        if suffix in (".mgz", ".mgh"):
+            img = nib.freesurfer.MGHImage(data, affine)
+        elif suffix in (".nii", ".nii.gz"):
+            hdr = header.copy() if isinstance(header, nib.Nifti1Header) else None
+            if hdr is not None:
+                hdr.set_data_shape(data.shape)
+                hdr.set_data_dtype(dtype)
+                hdr.set_slope_inter(None, None)
+                if data.ndim == 4:
+                    hdr.set_dim_info(None, None, None)
+            img = nib.Nifti1Image(data, affine, header=hdr)
+            img.set_data_dtype(dtype)
+            if hdr is None or (hdr["sform_code"] == 0 and hdr["qform_code"] == 0):
+                img.set_sform(affine, code=1)
+                img.set_qform(affine, code=1)
+        else:
+            raise QuicknatInputError(path, "output must be .nii, .nii.gz, .mgz or .mgh")
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,96 @@
+"""QuickNAT: 4 encoder blocks, a bottleneck, 4 decoder blocks and a 1x1 classifier."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import SE_TYPES, DecoderBlock, DenseBlock, EncoderBlock
+
+
+@dataclass(frozen=True)
+class QuickNATConfig:
+    """Architecture arguments; saved in every checkpoint and used to rebuild the network."""
+
+    num_classes: int = 33
+    in_channels: int = 1
+    num_filters: int = 64
+    kernel_size: int = 5
+    se: str = "none"  # none | cse | sse | csse
+    dropout: float = 0.2
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        if self.se not in SE_TYPES:
+            raise ValueError(f"se must be one of {SE_TYPES}")
+        if self.kernel_size % 2 != 1:
+            raise ValueError("kernel_size must be odd")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuickNATConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+class QuickNAT(nn.Module):
+    """QuickNAT for one view. Input (N, in_channels, H, W), any H and W; output logits.
+
+    Inputs are padded to a multiple of 2**depth and the logits cropped back.
+    """
+
+    def __init__(self, config: QuickNATConfig = QuickNATConfig()):
+        super().__init__()
+        self.config = config
+        c = config
+        self.encoders = nn.ModuleList(
+            EncoderBlock(c.in_channels if i == 0 else c.num_filters, c.num_filters, c.kernel_size, c.se, c.dropout)
+            for i in range(c.depth)
+        )
+        self.bottleneck = DenseBlock(c.num_filters, c.num_filters, c.kernel_size)
+        self.decoders = nn.ModuleList(
+            DecoderBlock(c.num_filters, c.kernel_size, c.se, c.dropout) for _ in range(c.depth)
+        )
+        self.classifier = nn.Conv2d(c.num_filters, c.num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        m = 2**self.config.depth
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        skips = []
+        for enc in self.encoders:
+            x, skip, idx = enc(x)
+            skips.append((skip, idx))
+        x = self.bottleneck(x)
+        for dec, (skip, idx) in zip(self.decoders, reversed(skips)):
+            x = dec(x, skip, idx)
+        logits = self.classifier(x)
+        if ph or pw:
+            logits = logits[..., ph // 2 : ph // 2 + h, pw // 2 : pw // 2 + w]
+        return logits
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def set_mc_dropout(model: nn.Module, enabled: bool) -> nn.Module:
+    """Eval mode, with dropout layers active when ``enabled`` (Monte-Carlo dropout).
+
+    Batch norm stays in eval mode either way, so running statistics never change at inference.
+    """
+    model.eval()
+    if enabled:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout2d | nn.Dropout):
+                m.train()
+    return model

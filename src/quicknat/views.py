@@ -1,0 +1,75 @@
+"""The three views of QuickNAT, in one table. Nothing else in quicknat branches on a view name.
+
+Conformed volumes are LIA (see :mod:`quicknat.conform`): axis 0 runs right->left, axis 1
+superior->inferior, axis 2 posterior->anterior. A view's slices are taken along its ``axis``:
+
+=========  ====  ======  =========================================================
+view       axis  weight  notes
+=========  ====  ======  =========================================================
+coronal    2     0.4     slices perpendicular to the anterior-posterior axis
+axial      1     0.4     slices perpendicular to the superior-inferior axis
+sagittal   0     0.2     left/right pairs merged (a sagittal slice has no side)
+=========  ====  ======  =========================================================
+
+The weights are QuickNAT's (Roy et al. 2019) aggregation weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .labels import LabelScheme
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    name: str
+    axis: int
+    weight: float
+    merge_lr: bool = False
+
+    def scheme(self, full: LabelScheme) -> LabelScheme:
+        """The label scheme this view's network predicts."""
+        return full.merged_lr() if self.merge_lr else full
+
+    def expand_index(self, full: LabelScheme) -> np.ndarray | None:
+        """Index that expands this view's class probabilities to ``full`` (None: identity)."""
+        return full.lr_expand_index() if self.merge_lr and full.has_lateral_pairs else None
+
+
+VIEWS: dict[str, ViewSpec] = {
+    "coronal": ViewSpec("coronal", axis=2, weight=0.4),
+    "axial": ViewSpec("axial", axis=1, weight=0.4),
+    "sagittal": ViewSpec("sagittal", axis=0, weight=0.2, merge_lr=True),
+}
+VIEW_NAMES = tuple(VIEWS)
+
+
+def get_view(name: str) -> ViewSpec:
+    try:
+        return VIEWS[name]
+    except KeyError:
+        raise ValueError(f"unknown view {name!r}; choose from {', '.join(VIEWS)}") from None
+
+
+def slices(volume: np.ndarray | torch.Tensor, view: str | ViewSpec):
+    """View of a (..., X, Y, Z) array as a stack of 2D slices: (N, ..., H, W) along the view's axis."""
+    spec = get_view(view) if isinstance(view, str) else view
+    axis = volume.ndim - 3 + spec.axis
+    if isinstance(volume, torch.Tensor):
+        return volume.movedim(axis, 0)
+    return np.moveaxis(volume, axis, 0)
+
+
+def slice_count(shape: tuple[int, ...], view: str | ViewSpec) -> int:
+    spec = get_view(view) if isinstance(view, str) else view
+    return int(shape[len(shape) - 3 + spec.axis])
+
+
+def channel_view(accumulator: torch.Tensor, view: str | ViewSpec) -> torch.Tensor:
+    """A (C, X, Y, Z) accumulator seen as (N, C, H, W) slices of ``view`` (shares memory)."""
+    spec = get_view(view) if isinstance(view, str) else view
+    return accumulator.movedim(1 + spec.axis, 0)
