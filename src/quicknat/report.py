@@ -39,7 +39,12 @@ def _centre(image: np.ndarray, classes: np.ndarray | None) -> tuple[int, int, in
     if not mask.any():
         return tuple(s // 2 for s in image.shape)  # type: ignore[return-value]
     idx = np.argwhere(mask)
-    return tuple(int(v) for v in np.round(idx.mean(0)))  # type: ignore[return-value]
+    centre = np.round(idx.mean(0)).astype(int)
+    # the sagittal plane through the centre is the interhemispheric fissure: move it into a
+    # hemisphere, a sixth of the brain's width off the midline
+    width = idx[:, 0].max() - idx[:, 0].min()
+    centre[0] = min(image.shape[0] - 1, centre[0] + width // 6)
+    return tuple(int(v) for v in centre)  # type: ignore[return-value]
 
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:

@@ -6,7 +6,8 @@ and folders and writes the outputs (see :func:`write_outputs` for the files and 
 
 Aggregation follows QuickNAT: each view's softmax probabilities are added, in place, into one
 accumulator with the view's weight (0.4 coronal, 0.4 axial, 0.2 sagittal; the sagittal view's
-merged left/right classes are expanded first). Only the head's bounding box in conformed space
+merged left/right classes are copied to both sides first, and the sum is renormalised to a
+probability per voxel). Only the head's bounding box in conformed space
 is processed; empty slices add background without running the network.
 
 With ``mc=N`` the chain runs N times with dropout active (batch norm in eval): the segmentation
@@ -158,6 +159,9 @@ class Segmenter:
         acc = torch.zeros((self.scheme.num_classes, *image.shape), dtype=torch.float32, device=self.device)
         for name in self.nets:
             self._view_pass(name, image, acc, self.weights[name])
+        # The sagittal expansion copies a merged pair's probability to both sides, so the sum
+        # exceeds 1 there; renormalise (the argmax is unchanged).
+        acc /= acc.sum(0, keepdim=True)
         return acc
 
     @torch.inference_mode()

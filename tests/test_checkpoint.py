@@ -1,0 +1,114 @@
+import pickle
+
+import pytest
+import torch
+
+from quicknat.checkpoint import (
+    Model,
+    load_checkpoint,
+    load_model,
+    make_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from quicknat.conform import ConformSettings
+from quicknat.errors import ModelNotFoundError, QuicknatInputError
+from quicknat.labels import ASEG33, TISSUE
+from quicknat.model import QuickNAT, QuickNATConfig
+
+S = ConformSettings(voxel_size=2.0, shape=(32, 32, 32))
+
+
+def _ck(view="coronal", scheme=ASEG33, settings=S, filters=4):
+    from quicknat.views import get_view
+
+    n = get_view(view).scheme(scheme).num_classes
+    return make_checkpoint(QuickNAT(QuickNATConfig(num_classes=n, num_filters=filters)), view, scheme, settings,
+                           {"data": "unit test", "epochs": 0})
+
+
+def test_round_trip_weights_only(tmp_path):
+    ck = _ck("sagittal")
+    p = save_checkpoint(ck, tmp_path / "s.pt")
+    raw = torch.load(p, weights_only=True)  # plain containers and tensors only
+    assert raw["format"] == "quicknat-checkpoint" and raw["view"] == "sagittal"
+    assert raw["scheme"]["name"] == "aseg33" and len(raw["scheme"]["classes"]) == 33
+    back = load_checkpoint(p)
+    assert back.scheme == ASEG33 and back.conform == S and back.config.num_classes == 19
+    assert back.provenance["data"] == "unit test" and "date" in back.provenance
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ck.build()(x), back.build()(x))
+
+
+def test_half_weights(tmp_path):
+    ck = _ck()
+    p = save_checkpoint(ck, tmp_path / "h.pt", half=True)
+    raw = torch.load(p, weights_only=True)
+    assert raw["state_dict"]["classifier.weight"].dtype == torch.float16
+    net = load_checkpoint(p).build()
+    assert net.classifier.weight.dtype == torch.float32
+
+
+def test_refuses_pickles_and_tampering(tmp_path):
+    evil = tmp_path / "evil.pt"
+    with open(evil, "wb") as f:
+        pickle.dump(Exploit(), f)
+    with pytest.raises(QuicknatInputError, match="evil.pt"):
+        load_checkpoint(evil)
+    assert not (tmp_path / "pwned").exists()
+
+    d = _ck().to_dict()
+    del d["state_dict"]["classifier.bias"]
+    torch.save(d, tmp_path / "missing.pt")
+    with pytest.raises(QuicknatInputError, match="do not match"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+    d = _ck().to_dict()
+    d["arch"]["num_classes"] = 19  # coronal must predict all 33
+    torch.save(d, tmp_path / "classes.pt")
+    with pytest.raises(QuicknatInputError, match="needs 33"):
+        load_checkpoint(tmp_path / "classes.pt")
+
+    torch.save({"state_dict": {}}, tmp_path / "plain.pt")
+    with pytest.raises(QuicknatInputError, match="not a quicknat checkpoint"):
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+class Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_model_folder_and_disagreement(tmp_path):
+    paths = {v: save_checkpoint(_ck(v), tmp_path / f"{v}.pt") for v in ("coronal", "axial", "sagittal")}
+    m = load_model(tmp_path)  # no model.json: default weights
+    assert m.weights == {"coronal": 0.4, "axial": 0.4, "sagittal": 0.2}
+    save_model(tmp_path, paths, {"coronal": 0.5, "axial": 0.3, "sagittal": 0.2})
+    assert load_model(tmp_path).weights["coronal"] == 0.5
+    single = load_model(paths["axial"])
+    assert list(single.views) == ["axial"]
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    save_checkpoint(_ck("coronal"), bad / "coronal.pt")
+    save_checkpoint(_ck("axial", scheme=TISSUE), bad / "axial.pt")
+    with pytest.raises(QuicknatInputError, match="label scheme"):
+        load_model(bad)
+    save_checkpoint(_ck("axial", settings=ConformSettings()), bad / "axial.pt")
+    with pytest.raises(QuicknatInputError, match="conform"):
+        load_model(bad)
+    with pytest.raises(QuicknatInputError, match="listed as"):
+        Model({"axial": load_checkpoint(paths["coronal"])}, {"axial": 1.0})
+
+
+def test_missing_model(tmp_path, monkeypatch):
+    import quicknat.checkpoint as cp
+
+    monkeypatch.setattr(cp, "installed_models", lambda: {})
+    with pytest.raises(ModelNotFoundError, match="no model is installed"):
+        load_model(None)
+    with pytest.raises(ModelNotFoundError, match="no such model"):
+        load_model(tmp_path / "nope")

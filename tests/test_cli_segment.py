@@ -1,0 +1,85 @@
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import phantom_files
+
+from quicknat.cli import main
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_cli_segment_file(tmp_path, tiny_model, capsys):
+    ip, _ = phantom_files(tmp_path / "in", 20, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0))
+    code = main(["segment", str(ip), "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu",
+                 "--threads", "2", "--batch-size", "4"])
+    assert code == 0
+    assert "ph20_t1_seg.nii.gz" in _files(tmp_path / "out")
+    assert "wrote to" in capsys.readouterr().out
+
+
+BAD = {
+    "missing.nii.gz": None,
+    "text.nii.gz": lambda p: p.write_text("hello"),
+    "flat.nii.gz": lambda p: nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), str(p)),
+    "four.nii.gz": lambda p: nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), str(p)),
+    "nan.nii.gz": lambda p: nib.save(nib.Nifti1Image(np.full((8, 8, 8), np.nan, np.float32), np.eye(4)), str(p)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_cli_bad_single_input(tmp_path, tiny_model, capsys, name):
+    p = tmp_path / name
+    if BAD[name]:
+        BAD[name](p)
+    code = main(["segment", str(p), "-o", str(tmp_path / "out"), "--model", str(tiny_model)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(p) in lines[0] and "Traceback" not in err
+    assert _files(tmp_path / "out") == []
+
+
+def test_cli_folder_with_bad_scans_goes_on(tmp_path, tiny_model, capsys):
+    folder = tmp_path / "in"
+    phantom_files(folder, 21, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0))
+    (folder / "ph21_seg.nii.gz").unlink()
+    (folder / "broken.nii.gz").write_text("oops")
+    BAD["nan.nii.gz"](folder / "nan.nii.gz")
+    code = main(["segment", str(folder), "-o", str(tmp_path / "out"), "--model", str(tiny_model)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert len(err.strip().splitlines()) == 2 and "Traceback" not in err
+    out = _files(tmp_path / "out")
+    assert "ph21_t1_seg.nii.gz" in out and not any(n.startswith(("broken", "nan")) for n in out)
+
+
+def test_cli_no_model_installed(tmp_path, monkeypatch, capsys):
+    import quicknat.checkpoint as cp
+
+    monkeypatch.setattr(cp, "installed_models", lambda: {})
+    ip, _ = phantom_files(tmp_path, 22, shape=(32, 32, 32), spacing=(4.0, 4.0, 4.0))
+    code = main(["segment", str(ip), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no model is installed" in err and "--model" in err
+    assert _files(tmp_path / "out") == []
+
+
+def test_cli_cuda_without_cuda(tmp_path, tiny_model, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    code = main(["segment", "x.nii.gz", "--model", str(tiny_model), "--device", "cuda"])
+    assert code == 2 and "CUDA" in capsys.readouterr().err
+
+
+def test_show(tmp_path, capsys):
+    ip, lp = phantom_files(tmp_path, 23, shape=(64, 64, 64), spacing=(2.0, 2.0, 2.0))
+    out = tmp_path / "show.png"
+    assert main(["show", str(ip), "--seg", str(lp), "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    shutil.rmtree(tmp_path / "unused", ignore_errors=True)

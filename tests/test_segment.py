@@ -1,0 +1,112 @@
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import TEST_CONFORM, TEST_SCHEME, dice_per_class, phantom_files
+
+from quicknat.checkpoint import Model, load_model
+from quicknat.data.phantom import make_phantom
+from quicknat.io import load_volume
+from quicknat.segment import Segmenter, segment_files
+
+PHANTOM = {"shape": (96, 96, 96), "spacing": (1.5, 1.5, 1.5)}
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model):
+    return Segmenter(tiny_model, device="cpu")
+
+
+def test_fitted_model_segments_held_back_phantom(tiny_model):
+    img, lab = make_phantom(seed=10, **PHANTOM)
+    ref, unknown = TEST_SCHEME.encode(lab.array)
+    assert 16 in unknown  # brain stem is not in the test scheme
+    full = load_model(tiny_model)
+    scores = {}
+    for views in (("coronal",), ("axial",), ("sagittal",), ("coronal", "axial", "sagittal")):
+        model = Model({v: full.views[v] for v in views}, {v: full.weights[v] for v in views})
+        res = Segmenter(model, device="cpu").segment(img)
+        scores[views] = np.mean(list(dice_per_class(res.classes, ref, range(1, TEST_SCHEME.num_classes)).values()))
+    print({"+".join(k): round(v, 3) for k, v in scores.items()})
+    agg = scores[("coronal", "axial", "sagittal")]
+    assert agg >= 0.9
+    assert agg >= max(v for k, v in scores.items() if len(k) == 1)
+
+
+@pytest.mark.parametrize(
+    "orientation, spacing, rotation",
+    [("LAS", (1.5, 1.5, 1.5), (0, 0, 0)), ("RAS", (1.5, 1.5, 1.5), (0, 0, 0)), ("LIA", (2.5, 2.5, 2.5), (0, 0, 0)),
+     ("RAS", (1.5, 1.5, 1.5), (15, -10, 5)), ("LPS", (0.9, 1.2, 3.0), (0, 0, 0))],
+)
+def test_output_geometry_equals_input(tmp_path, segmenter, orientation, spacing, rotation):
+    shape = tuple(int(round(140 / s)) for s in spacing)
+    ip, lp = phantom_files(tmp_path, 11, shape=shape, spacing=spacing, orientation=orientation, rotation_deg=rotation)
+    outcomes = segment_files([ip], tmp_path / "out", segmenter=segmenter)
+    assert outcomes[0].error is None
+    seg = nib.load(str(tmp_path / "out" / "ph11_t1_seg.nii.gz"))
+    src = nib.load(str(ip))
+    assert seg.shape == src.shape
+    assert np.array_equal(seg.affine, src.affine)
+    assert np.issubdtype(seg.get_data_dtype(), np.integer)
+    values = set(np.unique(np.asarray(seg.dataobj)).tolist())
+    assert values <= set(TEST_SCHEME.label_ids.tolist())
+    # the segmentation matches the phantom in the scan's own space
+    ref, _ = TEST_SCHEME.encode(load_volume(lp).array)
+    got, _ = TEST_SCHEME.encode(np.asarray(seg.dataobj))
+    dice = dice_per_class(got, ref, range(1, TEST_SCHEME.num_classes))
+    assert np.mean(list(dice.values())) > 0.8, dice
+
+
+def test_outputs_and_tables(tmp_path, segmenter):
+    ip, _ = phantom_files(tmp_path, 12, **PHANTOM)
+    vol = load_volume(ip)
+    res = segmenter.segment(vol, mc=4, posteriors=True, uncertainty=True)
+    # volumes: every structure, native voxel size, and the total
+    rows = res.volumes()
+    assert [r["structure"] for r in rows] == TEST_SCHEME.names[1:] + ["Total"]
+    counts = np.bincount(res.classes.ravel(), minlength=TEST_SCHEME.num_classes)
+    for k, r in enumerate(rows[:-1], start=1):
+        assert r["voxels"] == counts[k]
+        assert r["volume_mm3"] == pytest.approx(counts[k] * 1.5**3, abs=1e-2)
+    assert rows[-1]["voxels"] == counts[1:].sum()
+    # MC-dropout QC
+    qc = {r["structure"]: r for r in res.qc}
+    assert set(qc) == set(TEST_SCHEME.names[1:])
+    for r in qc.values():
+        assert r["passes"] == 4
+        if r["mean_volume_mm3"] > 0:
+            assert 0 <= r["iou"] <= 1 and r["cv"] >= 0
+    assert qc["Left-White"]["iou"] > 0.8 and qc["Left-White"]["cv"] < 0.1
+    # posteriors sum to one; uncertainty is an entropy
+    assert res.posteriors.shape == (TEST_SCHEME.num_classes, *vol.shape)
+    np.testing.assert_allclose(res.posteriors.sum(0), 1.0, atol=1e-4)
+    assert res.uncertainty.shape == vol.shape and res.uncertainty.min() >= 0
+    assert res.uncertainty.max() <= np.log(TEST_SCHEME.num_classes) + 1e-4
+    # MC segmentation agrees with the deterministic one
+    det = segmenter.segment(vol)
+    assert (det.classes == res.classes).mean() > 0.97
+
+
+def test_segment_files_writes_everything(tmp_path, segmenter):
+    ip, _ = phantom_files(tmp_path / "in", 13, **PHANTOM)
+    out = segment_files([ip], tmp_path / "out", segmenter=segmenter, mc=2, posteriors=True, uncertainty=True)
+    names = sorted(p.name for p in out[0].outputs)
+    assert names == sorted(f"ph13_t1_{s}" for s in ("seg.nii.gz", "volumes.csv", "qc.csv", "overlay.png",
+                                                   "posteriors.nii.gz", "uncertainty.nii.gz"))
+    with open(tmp_path / "out" / "ph13_t1_volumes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["structure", "label", "voxels", "volume_mm3"]
+    assert (tmp_path / "out" / "ph13_t1_overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_deterministic_and_batch_size_invariant(tmp_path, tiny_model):
+    img, _ = make_phantom(seed=14, **PHANTOM)
+    a = Segmenter(tiny_model, device="cpu", batch_size=1).segment(img).classes
+    b = Segmenter(tiny_model, device="cpu", batch_size=7).segment(img).classes
+    assert (a == b).mean() > 0.999
+
+
+def test_conform_settings_come_from_the_model(segmenter):
+    assert segmenter.settings == TEST_CONFORM and segmenter.scheme == TEST_SCHEME
