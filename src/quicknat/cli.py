@@ -50,9 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("prepare", help="prepare a data set (OASIS-1, FreeSurfer subjects, label maps)")
-    p.add_argument("source", choices=["oasis", "freesurfer", "labelmaps"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_yet("prepare"))
+    psub = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
+    q = psub.add_parser("oasis", help="download, check, extract and convert OASIS-1; write manifest.json")
+    q.add_argument("--root", type=Path, default=None, help="data root (default: $MONAI_DATA_DIRECTORY)")
+    q.add_argument("--discs", type=int, nargs="+", default=[1], help="OASIS-1 discs (default: 1)")
+    q.add_argument("--url", default=None, help="archive URL ({disc} is replaced by the disc number)")
+    q.add_argument("--md5", default=None, help="expected md5 of the archive")
+    q.add_argument("--labels", choices=["fsl", "freesurfer"], default="fsl")
+    _split_flags(q)
+    q.set_defaults(func=_cmd_prepare_oasis)
+    q = psub.add_parser("freesurfer", help="FreeSurfer subjects (orig.mgz + aseg.mgz) -> manifest.json")
+    q.add_argument("--subjects-dir", type=Path, required=True)
+    q.add_argument("-o", "--output", type=Path, default=None, help="folder for manifest.json")
+    _split_flags(q)
+    q.set_defaults(func=_cmd_prepare_freesurfer)
+    q = psub.add_parser("labelmaps", help="a folder of label maps -> manifest.json (synthetic training)")
+    q.add_argument("folder", type=Path)
+    q.add_argument("-o", "--output", type=Path, default=None, help="folder for manifest.json")
+    _split_flags(q)
+    q.set_defaults(func=_cmd_prepare_labelmaps)
 
     p = sub.add_parser("train", help="train QuickNAT views on a manifest")
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -73,6 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_not_yet("report"))
     return parser
+
+
+def _split_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation/test split")
+    p.add_argument("--resplit", action="store_true", help="replace an existing split")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+
+
+def _cmd_prepare_oasis(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_oasis
+
+    path = prepare_oasis(args.root, args.discs, args.url, args.md5, args.labels, args.seed, args.resplit,
+                         progress=sys.stderr.isatty())
+    return _report_manifest(path)
+
+
+def _cmd_prepare_freesurfer(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_freesurfer
+
+    return _report_manifest(prepare_freesurfer(args.subjects_dir, args.output, args.seed, args.resplit))
+
+
+def _cmd_prepare_labelmaps(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare_labelmaps
+
+    return _report_manifest(prepare_labelmaps(args.folder, args.output, args.seed, args.resplit))
+
+
+def _report_manifest(path: Path) -> int:
+    from .data.manifest import load_manifest
+
+    m = load_manifest(path)
+    sizes = ", ".join(f"{k} {len(m.split.get(k, []))}" for k in ("train", "validation", "test"))
+    print(f"wrote {path}: {len(m.scans)} scans ({sizes}); {len(m.missing)} skipped")
+    for miss in m.missing:
+        print(f"  skipped {miss['id']}: {miss['reason']}")
+    return 0
 
 
 def _not_yet(name: str):

@@ -1,0 +1,150 @@
+"""Manifests: the subjects of a data set, their files and facts, and a split by subject.
+
+``manifest.json`` (paths relative to the manifest's folder)::
+
+    {"format": "quicknat-manifest", "format_version": 1, "dataset": "oasis1", "scheme": "tissue",
+     "created": "...", "source": {...},
+     "scans": [{"id": "OAS1_0001_MR1", "subject": "OAS1_0001", "image": "nifti/...", "label": "nifti/...",
+                "shape": [176, 208, 176], "spacing": [1.0, 1.0, 1.0], "label_values": [0, 1, 2, 3]}],
+     "missing": [{"id": "...", "reason": "..."}],
+     "split": {"seed": 0, "ratios": [0.8, 0.1, 0.1], "train": [...scan ids], "validation": [...], "test": [...]}}
+
+The split is made once, by *subject* (repeat scans such as OASIS ``MR2`` stay with their
+subject), with MONAI's ``partition_dataset`` and a seed, and is then reused: re-running a
+preparation with the same scans keeps it; a different set of subjects or a different seed is an
+error unless a new split is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import QuicknatInputError
+from ..io import atomic_write_text
+
+FORMAT = "quicknat-manifest"
+SPLITS = ("train", "validation", "test")
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)
+
+
+@dataclass
+class Scan:
+    id: str
+    subject: str
+    image: str | None
+    label: str | None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "subject": self.subject, "image": self.image, "label": self.label, **self.facts}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scan:
+        facts = {k: v for k, v in d.items() if k not in ("id", "subject", "image", "label")}
+        return cls(str(d["id"]), str(d.get("subject", d["id"])), d.get("image"), d.get("label"), facts)
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    scheme: str | dict
+    scans: list[Scan]
+    split: dict[str, Any] = field(default_factory=dict)
+    missing: list[dict] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent if self.path else Path(".")
+
+    def resolve(self, rel: str | None) -> Path | None:
+        return None if rel is None else (self.root / rel).resolve()
+
+    def scans_in(self, split: str) -> list[Scan]:
+        """The scans of a split ('train', 'validation', 'test' or 'all')."""
+        if split == "all":
+            return list(self.scans)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or 'all'")
+        if not self.split:
+            raise QuicknatInputError(self.path, "manifest has no split")
+        ids = set(self.split[split])
+        return [s for s in self.scans if s.id in ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": 1,
+            "dataset": self.dataset,
+            "scheme": self.scheme,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": self.source,
+            "scans": [s.to_dict() for s in self.scans],
+            "missing": self.missing,
+            "split": self.split,
+        }
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path or self.path or "manifest.json")
+        self.path = path
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+        return path
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise QuicknatInputError(path, "manifest does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise QuicknatInputError(path, f"cannot read manifest ({exc})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise QuicknatInputError(path, "not a quicknat manifest")
+    return Manifest(
+        str(d["dataset"]), d["scheme"], [Scan.from_dict(s) for s in d["scans"]], d.get("split") or {},
+        d.get("missing") or [], d.get("source") or {}, path,
+    )
+
+
+def split_by_subject(scans: list[Scan], seed: int = 0, ratios=DEFAULT_RATIOS) -> dict[str, Any]:
+    """Seeded train/validation/test split of scan IDs, grouped by subject (MONAI partition)."""
+    from monai.data import partition_dataset
+
+    subjects = sorted({s.subject for s in scans})
+    if len(subjects) < 3:
+        parts = [subjects, [], []]
+    else:
+        parts = partition_dataset(subjects, ratios=list(ratios), shuffle=True, seed=seed)
+        # every part non-empty when there are enough subjects (tiny data sets)
+        for k in (1, 2):
+            if not parts[k] and len(parts[0]) > 1:
+                parts[k].append(parts[0].pop())
+    out: dict[str, Any] = {"seed": seed, "ratios": list(ratios), "by": "subject"}
+    for name, subj in zip(SPLITS, parts):
+        chosen = set(subj)
+        out[name] = sorted(s.id for s in scans if s.subject in chosen)
+    return out
+
+
+def reuse_or_split(
+    scans: list[Scan], previous: Manifest | None, seed: int, resplit: bool, ratios=DEFAULT_RATIOS
+) -> dict[str, Any]:
+    """The previous split when it still fits these scans; a new one only when asked."""
+    if previous is None or not previous.split or resplit:
+        return split_by_subject(scans, seed, ratios)
+    old_ids = {i for k in SPLITS for i in previous.split.get(k, [])}
+    same = old_ids == {s.id for s in scans} and int(previous.split.get("seed", seed)) == seed
+    if not same:
+        raise QuicknatInputError(
+            previous.path,
+            "existing split does not match these scans or this seed; pass --resplit to make a new one",
+        )
+    return previous.split
