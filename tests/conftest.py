@@ -12,7 +12,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """A tiny three-view QuickNAT fitted to phantoms (shared by the segmentation tests)."""
-    from helpers import fit_tiny_model
+    """A tiny three-view QuickNAT trained on phantoms with quicknat's own training engine
+    (shared by the segmentation, training and evaluation tests)."""
+    from helpers import phantom_manifest, tiny_config
 
-    return fit_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+    from quicknat.train import train
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    manifest = phantom_manifest(root / "data")
+    return train(manifest, root / "run", "all", tiny_config(), device="cpu")

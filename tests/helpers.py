@@ -104,6 +104,31 @@ def fit_tiny_model(
     return folder
 
 
+def phantom_manifest(folder: Path, seeds=(0, 1, 2, 3, 4), split=None, scheme: LabelScheme = TEST_SCHEME,
+                     **phantom_kw) -> Path:
+    """Phantom scans written as NIfTI plus a manifest (first seeds train, then validation, test)."""
+    from quicknat.data.manifest import Manifest, Scan
+
+    kw = {"shape": (96, 96, 96), "spacing": (1.5, 1.5, 1.5), **phantom_kw}
+    scans = []
+    for s in seeds:
+        ip, lp = phantom_files(folder / "scans", s, **kw)
+        scans.append(Scan(f"ph{s}", f"ph{s}", str(ip.relative_to(folder)), str(lp.relative_to(folder))))
+    ids = [s.id for s in scans]
+    split = split or {"seed": 0, "by": "subject", "train": ids[:-2], "validation": ids[-2:-1], "test": ids[-1:]}
+    return Manifest("phantoms", scheme.to_dict(), scans, split).save(folder / "manifest.json")
+
+
+def tiny_config(**kw):
+    """A training config small enough for CPU tests (same engine as real training)."""
+    from quicknat.config import TrainConfig
+
+    base = dict(num_filters=12, dropout=0.1, optimizer="adam", lr=5e-3, weight_decay=0.0, epochs=4,
+                steps_per_epoch=50, batch_size=8, augment=None, conform=TEST_CONFORM, lr_step=3, lr_gamma=0.2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
 def dice_per_class(a: np.ndarray, b: np.ndarray, classes) -> dict[int, float]:
     out = {}
     for c in classes:

@@ -71,12 +71,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_prepare_labelmaps)
 
     p = sub.add_parser("train", help="train QuickNAT views on a manifest")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_yet("train"))
+    p.add_argument("manifest", type=Path, help="manifest.json (or its folder)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="run folder (becomes a model folder)")
+    p.add_argument("--view", default="all", choices=["all", "coronal", "axial", "sagittal"])
+    p.add_argument("--config", type=Path, default=None, help="YAML config (defaults < file < flags)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=None)
+    p.add_argument("--filters", type=int, default=None, help="filters per block (64 in the paper)")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--init", type=Path, default=None, help="pre-trained checkpoint or model folder (fine-tuning)")
+    p.add_argument("--reset-classifier", action="store_true", help="with --init: new classifier for a new scheme")
+    p.add_argument("--resume", action="store_true", help="continue from RUNDIR/VIEW/last.pt")
+    _common(p)
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="score segmentations against references")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_yet("evaluate"))
+    p.add_argument("--pred", type=Path, default=None, help="predicted label map or folder")
+    p.add_argument("--ref", type=Path, default=None, help="reference label map or folder")
+    p.add_argument("--scheme", default="aseg33", help="aseg33, tissue or a colour-LUT file")
+    p.add_argument("--resample", action="store_true", help="resample predictions onto the reference grid")
+    p.add_argument("--model", default=None, help="with --manifest: segment the split's scans with this model")
+    p.add_argument("--manifest", type=Path, default=None)
+    p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
+    p.add_argument("--mc", type=int, default=0, help="with --model: MC-dropout passes (QC in the report)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="folder (or metrics .csv for file pairs)")
+    _common(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("show", help="draw a scan (and a segmentation) in three planes")
     p.add_argument("image", type=Path)
@@ -86,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("report", help="HTML report of a training run or an evaluation")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_not_yet("report"))
+    p.add_argument("folder", type=Path, help="run folder (quicknat train) or evaluation folder")
+    p.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: FOLDER/report.html)")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -128,12 +152,48 @@ def _report_manifest(path: Path) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"quicknat: error: 'quicknat {name}' is not implemented yet", file=sys.stderr)
-        return 2
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
 
-    return run
+    cfg = load_config(
+        args.config, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, num_filters=args.filters,
+        num_workers=args.workers, seed=args.seed, batch_size=args.batch_size,
+    )
+    out = train(args.manifest, args.output, args.view, cfg, init=args.init, reset_classifier=args.reset_classifier,
+                resume=args.resume, device=args.device, progress=sys.stderr.isatty())
+    from .train import _is_main
+
+    if _is_main():
+        print(f"wrote model to {out} (use: quicknat segment SCAN --model {out})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_files, evaluate_model, format_summary
+
+    if args.manifest is not None:
+        out = args.output or Path("quicknat_eval")
+        path, summary = evaluate_model(args.model, args.manifest, args.split, out, args.device, args.batch_size,
+                                       args.mc)
+    elif args.pred is not None and args.ref is not None:
+        path, summary = evaluate_files(args.pred, args.ref, args.scheme, args.output, args.resample)
+    else:
+        print("quicknat: error: give --pred and --ref, or --manifest (with --model)", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    print(f"wrote {path} and {path.with_name('summary.csv') if path.name == 'metrics.csv' else path}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+    from .train import plot_history
+
+    plot_history(args.folder)
+    out = build_report(args.folder, args.output or args.folder / "report.html")
+    print(f"wrote {out}")
+    return 0
 
 
 def _setup(args: argparse.Namespace) -> None:

@@ -139,3 +139,179 @@ def _fallback_colors(n: int) -> np.ndarray:
 
     cm = matplotlib.colormaps["tab20"]
     return (np.array([cm(i % 20)[:3] for i in range(n)]) * 255).astype(np.uint8)
+
+
+# -- HTML report ---------------------------------------------------------------------------
+def _png_tag(png: bytes, alt: str, width: str = "100%") -> str:
+    import base64
+
+    return f'<img alt="{alt}" style="max-width:{width}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
+
+
+def _fig_png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _curves_png(history: list[dict], view: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    ax[0].plot(ep, [h["train_loss"] for h in history], label="total")
+    ax[0].plot(ep, [h["train_dice_loss"] for h in history], "--", label="soft Dice")
+    ax[0].plot(ep, [h["train_ce"] for h in history], ":", label="weighted CE")
+    ax[0].set_title(f"{view}: training loss")
+    ax[0].legend()
+    keys = [k for k in history[0] if k.startswith("val_dice/") and not k.endswith("/Unknown")]
+    for k in keys:
+        vals = [h.get(k) for h in history]
+        ax[1].plot(ep, [np.nan if v is None else v for v in vals], lw=0.7, alpha=0.7)
+    ax[1].plot(ep, [h["val_dice_mean"] for h in history], "k-", lw=2, label="mean (foreground)")
+    ax[1].set_ylim(0, 1)
+    ax[1].set_title(f"{view}: validation Dice per class (3D)")
+    ax[1].legend()
+    ax[2].semilogy(ep, [h["lr"] for h in history])
+    ax[2].set_title("learning rate")
+    for a in ax:
+        a.set_xlabel("epoch")
+    return _fig_png(fig)
+
+
+def _boxplot_png(rows: list[dict], metric: str = "dice") -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    data: dict[str, list[float]] = {}
+    colors: dict[str, tuple] = {}
+    known = {c.name: c.color for c in ASEG33.classes}
+    for r in rows:
+        if r["metric"] != metric or r["status"] in ("absent", "background"):
+            continue
+        v = float(r["value"])
+        if np.isfinite(v):
+            data.setdefault(r["structure"], []).append(v)
+            colors[r["structure"]] = tuple(np.array(known.get(r["structure"], (100, 140, 200))) / 255)
+    names = list(data)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    if names:
+        bp = ax.boxplot([data[n] for n in names], patch_artist=True)
+        for patch, n in zip(bp["boxes"], names):
+            patch.set_facecolor(colors[n])
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=70, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel(metric)
+    ax.set_title(f"test {metric} per structure")
+    return _fig_png(fig)
+
+
+def _table_html(summary: list[dict], metrics=("dice", "iou", "hd95", "assd", "volume_similarity")) -> str:
+    by = {(r["structure"], r["metric"]): r for r in summary}
+    structures = list(dict.fromkeys(r["structure"] for r in summary))
+    head = "".join(f"<th>{m}<br>mean ± std (median)</th>" for m in metrics)
+    body = []
+    for s in structures:
+        cells = []
+        for m in metrics:
+            r = by.get((s, m))
+            if r is None or not r["n"] or not np.isfinite(float(r["mean"])):
+                cells.append("<td>—</td>")
+            else:
+                cells.append(f"<td>{float(r['mean']):.3f} ± {float(r['std']):.3f} ({float(r['median']):.3f})</td>")
+        body.append(f"<tr><td>{s}</td>{''.join(cells)}</tr>")
+    return f"<table><tr><th>structure</th>{head}</tr>{''.join(body)}</table>"
+
+
+def build_report(folder: str | Path, out: str | Path, title: str | None = None) -> Path:
+    """A self-contained HTML page for a training run and/or an evaluation folder.
+
+    Training run (``VIEW/history.json``): loss, per-class Dice and learning-rate curves. Evaluation
+    (``metrics.csv``, ``summary.csv``, ``eval.json``): box plot of test Dice per structure, the
+    table of numbers, overlays of the best, median and worst subjects, and MC-dropout QC tables.
+    """
+    import csv
+    import html
+    import json
+
+    from .io import load_volume
+    from .views import VIEWS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        from .errors import QuicknatInputError
+
+        raise QuicknatInputError(folder, "is not a run or evaluation folder")
+    parts = [f"<h1>{html.escape(title or 'quicknat report: ' + folder.name)}</h1>"]
+    found = False
+    for view in VIEWS:
+        hp = folder / view / "history.json"
+        if hp.exists():
+            history = json.loads(hp.read_text())
+            if history:
+                found = True
+                best = max(h["val_dice_mean"] for h in history)
+                parts.append(f"<h2>Training: {view}</h2><p>{len(history)} epochs, best validation Dice "
+                             f"{best:.3f}</p>{_png_tag(_curves_png(history, view), view + ' curves')}")
+    metrics_csv = folder / "metrics.csv"
+    if metrics_csv.exists():
+        found = True
+        with open(metrics_csv) as f:
+            rows = list(csv.DictReader(f))
+        with open(folder / "summary.csv") as f:
+            summary = list(csv.DictReader(f))
+        parts.append("<h2>Evaluation</h2>" + _png_tag(_boxplot_png(rows), "Dice box plot", "1100px"))
+        parts.append(_table_html(summary))
+        info = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else None
+        if info:
+            scheme = LabelScheme.from_dict(info["scheme"])
+            per_subject: dict[str, list[float]] = {}
+            for r in rows:
+                if r["metric"] == "dice" and r["status"] not in ("absent", "background"):
+                    per_subject.setdefault(r["subject"], []).append(float(r["value"]))
+            ranked = sorted(per_subject, key=lambda s: float(np.mean(per_subject[s])))
+            picks = {"worst": ranked[0], "median": ranked[len(ranked) // 2], "best": ranked[-1]}
+            scans = {s["id"]: s for s in info["scans"]}
+            parts.append("<h2>Subjects (best, median, worst mean Dice)</h2>")
+            for label, sid in reversed(list(picks.items())):
+                s = scans[sid]
+                img, pred = load_volume(s["image"]), load_volume(s["pred"])
+                if info.get("merged_to_tissue"):
+                    from .labels import ASEG_TO_TISSUE, merge_labels
+
+                    pred = pred.with_array(merge_labels(pred.array, ASEG_TO_TISSUE))
+                png = _overlay_png(img, pred, scheme, f"{label}: {sid} (mean Dice {np.mean(per_subject[sid]):.3f})")
+                parts.append(_png_tag(png, f"{label} subject", "1100px"))
+                if s.get("qc"):
+                    with open(s["qc"]) as f:
+                        qc = list(csv.DictReader(f))
+                    cells = "".join(f"<tr><td>{q['structure']}</td><td>{float(q['cv']):.4f}</td>"
+                                    f"<td>{float(q['iou']):.4f}</td></tr>" for q in qc)
+                    parts.append(f"<h3>MC-dropout QC: {sid}</h3><table><tr><th>structure</th><th>CV of volume</th>"
+                                 f"<th>IoU of passes</th></tr>{cells}</table>")
+    if not found:
+        from .errors import QuicknatInputError
+
+        raise QuicknatInputError(folder, "holds neither training history nor evaluation results")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} td:first-child{text-align:left}")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>quicknat report</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+    atomic_write_bytes(out, page.encode("utf-8"))
+    return Path(out)
+
+
+def _overlay_png(image: Volume, seg: Volume, scheme: LabelScheme, title: str) -> bytes:
+    plan = plan_conform(image, ConformSettings())
+    img = plan.image(image.array)
+    classes, _ = scheme.encode(seg.array)
+    conf = plan.classes(classes, scheme.num_classes)
+    return render_overlay(img, conf, scheme.colors, scheme.names, title)
