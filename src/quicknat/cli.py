@@ -247,8 +247,42 @@ def _cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def reference_markdown() -> str:
+    """The CLI reference (docs/cli.md), generated from the parser itself (100 columns wide)."""
+    import os
+
+    old = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        return _reference()
+    finally:
+        if old is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = old
+
+
+def _reference() -> str:
+    parser = build_parser()
+    out = ["# quicknat command-line reference", "",
+           "Generated from the parser (`python -m quicknat.cli --reference > docs/cli.md`); a test checks it "
+           "is current.", "", "```text", parser.format_help().rstrip(), "```", ""]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        out += [f"## quicknat {name}", "", "```text", p.format_help().rstrip(), "```", ""]
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        for a in nested:
+            for sname, sp in a.choices.items():
+                out += [f"### quicknat {name} {sname}", "", "```text", sp.format_help().rstrip(), "```", ""]
+    return "\n".join(out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--reference"]:
+        print(reference_markdown(), end="")
+        return 0
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -51,6 +51,7 @@ class TrainConfig:
     min_foreground: float = 0.002
     num_workers: int = 0
     cache_dir: str | None = None
+    crop: int | None = None  # synthetic training: random in-plane crop (pixels) around the brain
     # run
     seed: int = 0
     deterministic: bool = False

@@ -252,16 +252,22 @@ def train_view(
 
     scheme = manifest_scheme(manifest)
     vscheme = spec.scheme(scheme)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-    train_cache = VolumeCache(_scan_paths(manifest, "train"), scheme, cfg.conform, cache_dir)
-    val_cache = VolumeCache(_scan_paths(manifest, "validation"), scheme, cfg.conform, cache_dir)
-    if train_cache.unknown and _is_main():
-        log.warning("label IDs not in scheme %s (set to background): %s", scheme.name,
-                    dict(sorted(train_cache.unknown.items())[:10]))
     merge = scheme.lr_merge_index() if spec.merge_lr else np.arange(scheme.num_classes)
-    counts = np.bincount(merge, weights=train_cache.class_counts(), minlength=vscheme.num_classes)
-    class_weights = median_frequency_weights(counts, cfg.weight_cap)
-    data = SliceDataset(train_cache, view, class_weights, cfg.edge_weight, cfg.min_foreground, cfg.augment, cfg.seed)
+    synthetic = all(s.image is None for s in manifest.scans_in("train"))
+    if synthetic:
+        data, val_cache, n_train = _synthetic_data(manifest, scheme, view, cfg, merge, vscheme.num_classes)
+    else:
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
+        train_cache = VolumeCache(_scan_paths(manifest, "train"), scheme, cfg.conform, cache_dir)
+        val_cache = VolumeCache(_scan_paths(manifest, "validation"), scheme, cfg.conform, cache_dir)
+        if train_cache.unknown and _is_main():
+            log.warning("label IDs not in scheme %s (set to background): %s", scheme.name,
+                        dict(sorted(train_cache.unknown.items())[:10]))
+        counts = np.bincount(merge, weights=train_cache.class_counts(), minlength=vscheme.num_classes)
+        class_weights = median_frequency_weights(counts, cfg.weight_cap)
+        data = SliceDataset(train_cache, view, class_weights, cfg.edge_weight, cfg.min_foreground, cfg.augment,
+                            cfg.seed)
+        n_train = len(train_cache.ids)
     if len(data) == 0:
         raise QuicknatInputError(manifest.path, f"no {view} training slices with enough foreground")
 
@@ -319,7 +325,7 @@ def train_view(
 
     provenance_base = {
         "data": {"manifest": str(manifest.path), "dataset": manifest.dataset,
-                 "train_scans": len(train_cache.ids), "validation_scans": len(val_cache.ids),
+                 "train_scans": n_train, "validation_scans": len(val_cache.ids), "synthetic": synthetic,
                  **({"source": manifest.source} if manifest.source else {})},
         "config": cfg.to_dict(),
         "quicknat_version": __version__,
@@ -421,6 +427,34 @@ def train_view(
     if on_end is not None:
         on_end(net)
     return rundir / f"{view}.pt"
+
+
+def _synthetic_data(manifest: Manifest, scheme: LabelScheme, view: str, cfg: TrainConfig, merge, num_classes):
+    """Training slices generated from the training label maps; validation volumes synthesised
+    from the validation maps with fixed seeds (the same every epoch and run)."""
+    from .data.synth import LabelMapSynth, SynthSliceDataset, SynthVolumes
+    from .io import load_volume
+
+    def maps(split):
+        out = []
+        for _scan, _, label in _scan_paths(manifest, split):
+            v = load_volume(label)
+            out.append((v.array, v.affine))
+        return out
+
+    train_maps = maps("train")
+    counts = np.zeros(scheme.num_classes)
+    for arr, _ in train_maps:
+        cls, _ = scheme.encode(arr)
+        counts += np.bincount(cls.reshape(-1), minlength=scheme.num_classes)
+    class_weights = median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cfg.weight_cap)
+    synth = LabelMapSynth(train_maps, scheme, cfg.conform)
+    length = (cfg.steps_per_epoch or 500) * cfg.batch_size
+    data = SynthSliceDataset(synth, view, class_weights, cfg.edge_weight, length, cfg.seed, cfg.crop)
+    val_scans = manifest.scans_in("validation")
+    val_synth = LabelMapSynth(maps("validation"), scheme, cfg.conform)
+    val = SynthVolumes(val_synth, [s.id for s in val_scans], [10_000 + k for k in range(len(val_scans))])
+    return data, val, len(train_maps)
 
 
 def _sync_buffers(net: torch.nn.Module) -> None:
