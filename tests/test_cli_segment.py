@@ -83,3 +83,14 @@ def test_show(tmp_path, capsys):
     assert main(["show", str(ip), "--seg", str(lp), "-o", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+
+
+def test_cli_segment_without_input_uses_the_bundled_example(tmp_path, tiny_model, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "--model", str(tiny_model), "--no-overlay"]) == 0
+    out = capsys.readouterr().out
+    assert "quicknat_out" in out
+    seg = nib.load(str(tmp_path / "quicknat_out" / "mni152_t1_1mm_seg.nii.gz"))
+    src = nib.load(str(tmp_path / "cache" / "quicknat" / "mni152_t1_1mm.nii.gz"))
+    assert seg.shape == src.shape == (197, 233, 189) and np.array_equal(seg.affine, src.affine)

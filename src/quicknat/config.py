@@ -52,6 +52,7 @@ class TrainConfig:
     num_workers: int = 0
     cache_dir: str | None = None
     crop: int | None = None  # synthetic training: random in-plane crop (pixels) around the brain
+    synth: dict = field(default_factory=dict)  # synthetic training: SynthConfig overrides
     # run
     seed: int = 0
     deterministic: bool = False

@@ -432,7 +432,7 @@ def train_view(
 def _synthetic_data(manifest: Manifest, scheme: LabelScheme, view: str, cfg: TrainConfig, merge, num_classes):
     """Training slices generated from the training label maps; validation volumes synthesised
     from the validation maps with fixed seeds (the same every epoch and run)."""
-    from .data.synth import LabelMapSynth, SynthSliceDataset, SynthVolumes
+    from .data.synth import LabelMapSynth, SynthConfig, SynthSliceDataset, SynthVolumes
     from .io import load_volume
 
     def maps(split):
@@ -448,7 +448,7 @@ def _synthetic_data(manifest: Manifest, scheme: LabelScheme, view: str, cfg: Tra
         cls, _ = scheme.encode(arr)
         counts += np.bincount(cls.reshape(-1), minlength=scheme.num_classes)
     class_weights = median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cfg.weight_cap)
-    synth = LabelMapSynth(train_maps, scheme, cfg.conform)
+    synth = LabelMapSynth(train_maps, scheme, cfg.conform, SynthConfig(**cfg.synth))
     length = (cfg.steps_per_epoch or 500) * cfg.batch_size
     data = SynthSliceDataset(synth, view, class_weights, cfg.edge_weight, length, cfg.seed, cfg.crop)
     val_scans = manifest.scans_in("validation")
