@@ -57,7 +57,7 @@ def sync(device: torch.device) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scan", type=Path, default=None)
-    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="model folder/checkpoint or installed name (default: random)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--filters", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=None)
@@ -75,6 +75,7 @@ def main() -> int:
         scan = save_volume(img.array, img.affine, tmp / "phantom256.nii.gz")
     model = args.model or random_model(tmp / "model", args.filters)
     seg = Segmenter(model, device=args.device, batch_size=args.batch_size)
+    args.filters = next(iter(seg.nets.values())).config.num_filters  # the peer gets the same width
     dev = seg.device
 
     # warm-up on a small crop so one-off costs (allocations, kernels) stay out of the numbers
@@ -130,7 +131,8 @@ def main() -> int:
     if not args.no_peer:
         from monai.networks.nets import Quicknat
 
-        pnet = Quicknat(num_classes=33, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0)
+        n_cls = seg.nets["coronal"].config.num_classes if "coronal" in seg.nets else 33
+        pnet = Quicknat(num_classes=n_cls, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0)
         peer = time_net(pnet.eval().to(dev), pad=True)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"

@@ -379,7 +379,7 @@ def _build_tissue() -> LabelScheme:
             LabelClass("Background", 0, (0, 0, 0)),
             LabelClass("CSF", 1, (60, 60, 230)),
             LabelClass("Grey-Matter", 2, (205, 62, 78)),
-            LabelClass("White-Matter", 3, (245, 245, 245)),
+            LabelClass("White-Matter", 3, (80, 160, 255)),
         ),
         "OASIS FSL_SEG / FSL FAST tissue classes",
     )
