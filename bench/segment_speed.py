@@ -106,34 +106,37 @@ def main() -> int:
         view_slices[name] = np.ascontiguousarray(st[keep])
     n_slices = sum(len(v) for v in view_slices.values())
 
-    # Same-run comparison: both networks over the same sample of those slices, same batch size.
-    all_slices = np.concatenate(list(view_slices.values()))
-    take = len(all_slices) if args.peer_slices <= 0 else min(args.peer_slices, len(all_slices))
-    sample = all_slices[np.linspace(0, len(all_slices) - 1, take).astype(int)]
-    h, w = sample.shape[1:]
-    ph, pw = (-h) % 16, (-w) % 16  # MONAI's Quicknat needs sizes divisible by 16
+    # Same-run comparison: both networks over the same sample of each view's slices, same batch.
+    from monai.networks.nets import Quicknat
 
-    def time_net(net, pad: bool) -> float:
+    take = 0
+    ours_total = peer_total = 0.0
+
+    def time_net(net, sample, pad: tuple[int, int] | None) -> float:
         with torch.inference_mode():
             sync(dev)
             t = time.perf_counter()
             for i in range(0, len(sample), seg.batch_size):
                 x = torch.from_numpy(sample[i : i + seg.batch_size]).unsqueeze(1).to(dev)
                 if pad:
-                    x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+                    x = torch.nn.functional.pad(x, (0, pad[1], 0, pad[0]))
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=seg.amp):
                     net(x)
             sync(dev)
-            return (time.perf_counter() - t) * len(all_slices) / take
+            return time.perf_counter() - t
 
-    ours_total = time_net(seg.nets["coronal"], pad=False)
-    peer = None
-    if not args.no_peer:
-        from monai.networks.nets import Quicknat
-
-        n_cls = seg.nets["coronal"].config.num_classes if "coronal" in seg.nets else 33
-        pnet = Quicknat(num_classes=n_cls, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0)
-        peer = time_net(pnet.eval().to(dev), pad=True)
+    for name, st in view_slices.items():
+        k = len(st) if args.peer_slices <= 0 else min(max(1, args.peer_slices // 3), len(st))
+        sample = st[np.linspace(0, len(st) - 1, k).astype(int)]
+        take += k
+        scale = len(st) / k
+        ours_total += time_net(seg.nets[name], sample, None) * scale
+        if not args.no_peer:
+            h, w = sample.shape[1:]
+            n_cls = seg.nets[name].config.num_classes
+            pnet = Quicknat(num_classes=n_cls, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0)
+            peer_total += time_net(pnet.eval().to(dev), sample, ((-h) % 16, (-w) % 16)) * scale
+    peer = None if args.no_peer else peer_total
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"\nquicknat segment speed: {scan.name} {vol.shape}, {args.filters} filters, device {name}")

@@ -183,6 +183,12 @@ def load_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
     return Volume(data, affine, img.header, path, {"format": type(img).__name__})
 
 
+def _umask_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_target(path: Path) -> tuple[Path, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
@@ -200,6 +206,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; outputs follow the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -247,6 +254,7 @@ def save_volume(
         else:
             raise QuicknatInputError(path, "output must be .nii, .nii.gz, .mgz or .mgh")
         nib.save(img, str(tmp))
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
