@@ -112,3 +112,14 @@ def test_missing_model(tmp_path, monkeypatch):
         load_model(None)
     with pytest.raises(ModelNotFoundError, match="no such model"):
         load_model(tmp_path / "nope")
+
+
+def test_shipped_default_model():
+    m = load_model(None)
+    assert set(m.views) == {"coronal", "axial", "sagittal"} and m.scheme.name == "aseg33"
+    assert m.weights == {"coronal": 0.4, "axial": 0.4, "sagittal": 0.2}
+    for ck in m.views.values():
+        raw = torch.load(ck.path, weights_only=True)
+        assert raw["state_dict"]["classifier.weight"].dtype == torch.float16
+        assert "Apache" in ck.provenance["data"]["source"] and ck.provenance["recipe"] == "configs/synth_cpu.yaml"
+        assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
