@@ -34,6 +34,14 @@ def test_seeded_and_valid(head):
         assert a_img.min() >= 0 and a_img.max() <= 1 and a_cls.max() < ASEG33.num_classes
 
 
+def test_random_slices_are_not_empty(head):
+    s = LabelMapSynth(head, ASEG33, S)
+    for view in ("coronal", "axial", "sagittal"):
+        for seed in range(8):
+            _, cls = s.sample(view, 100 + seed)
+            assert (cls > 0).mean() >= 0.002, (view, seed)
+
+
 def test_t1_ordering_and_skull_removal(head):
     t1 = LabelMapSynth(head, ASEG33, S, SynthConfig(t1_share=1.0, strip_prob=0.0, flip=0.0, **QUIET))
     img, cls = t1.sample("coronal", 1, slice_index=45)

@@ -89,7 +89,11 @@ class LabelMapSynth:
             uniq, inv = np.unique(ids, return_inverse=True)
             compact = torch.from_numpy(inv.reshape(ids.shape).astype(np.int16)).to(self.device)
             classes, _ = scheme.encode(uniq)
+            brain = np.isin(ids, [u for u, c in zip(uniq, classes) if c > 0])
+            lo = np.array([np.flatnonzero(brain.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)])
+            hi = np.array([np.flatnonzero(brain.any(axis=tuple(b for b in range(3) if b != a)))[-1] for a in range(3)])
             self.maps.append({
+                "centre": (lo + hi) / 2.0,  # the brain's bounding-box centre (voxels): slices are placed on it
                 "compact": compact.float()[None, None],  # for nearest grid_sample
                 "ids": uniq,
                 "classes": torch.from_numpy(classes.astype(np.int64)).to(self.device),
@@ -130,8 +134,20 @@ class LabelMapSynth:
         m[:3, 3] = [u(-c.translation, c.translation) for _ in range(3)]
         return m
 
-    def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None):
-        """One (image (H, W) float32 in [0, 1], classes (H, W) int64) pair for ``view``."""
+    def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None,
+               min_foreground: float = 0.002):
+        """One (image (H, W) float32 in [0, 1], classes (H, W) int64) pair for ``view``.
+
+        A randomly placed slice with less than ``min_foreground`` labelled pixels is redrawn (up
+        to 5 times, seeds derived from ``seed``), as training on real data drops such slices.
+        """
+        for attempt in range(5):
+            img, cls = self._sample(view, seed + attempt * 7919, slice_index, map_index)
+            if slice_index is not None or (cls > 0).mean() >= min_foreground:
+                break
+        return img, cls
+
+    def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None):
         g = torch.Generator().manual_seed(int(seed))
         c = self.cfg
         spec = get_view(view)
@@ -139,8 +155,7 @@ class LabelMapSynth:
         shape = self.settings.shape
         # world -> label-map voxel, through a random world transform about the map's centre
         rot = target_rotation(self.settings)
-        centre_vox = (np.array(lm["shape"]) - 1) / 2.0
-        centre = lm["affine"][:3, :3] @ centre_vox + lm["affine"][:3, 3]
+        centre = lm["affine"][:3, :3] @ lm["centre"] + lm["affine"][:3, 3]
         out_aff = np.eye(4)
         out_aff[:3, :3] = rot
         out_aff[:3, 3] = centre - rot @ ((np.array(shape) - 1) / 2.0)
@@ -155,7 +170,7 @@ class LabelMapSynth:
 
         axis = spec.axis
         if slice_index is None:
-            lo, hi = int(0.2 * shape[axis]), int(0.8 * shape[axis])
+            lo, hi = int(0.3 * shape[axis]), int(0.7 * shape[axis])  # around the brain's centre
             slice_index = int(torch.randint(lo, hi, (1,), generator=g))
         thick = float(torch.rand(1, generator=g)) < c.thick_prob
         thickness = float(torch.empty(1).uniform_(2.0, c.max_thickness, generator=g)) if thick else 0.0
