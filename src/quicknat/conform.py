@@ -250,18 +250,28 @@ def conform(volume: Volume, settings: ConformSettings = ConformSettings()) -> tu
     return plan.image(volume.array), plan
 
 
+def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
+    """(start, stop) voxel indices of a 3D mask's bounding box grown by ``margin`` and clipped
+    to the array (stop exclusive), or None for an empty mask. The one box helper of quicknat."""
+    mask = np.asarray(mask)
+    if not mask.any():
+        return None
+    lo, hi = [], []
+    for axis in range(mask.ndim):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        lo.append(idx[0])
+        hi.append(idx[-1] + 1)
+    start = np.maximum(np.array(lo) - margin, 0)
+    stop = np.minimum(np.array(hi) + margin, np.array(mask.shape))
+    return start, stop
+
+
 def _head_centre(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     lo, hi = window
-    thr = lo + 0.05 * (hi - lo)
-    mask = np.asarray(array) > thr
-    if not mask.any():
+    box = bounding_box(np.asarray(array) > lo + 0.05 * (hi - lo))
+    if box is None:
         return (np.array(array.shape) - 1) / 2.0
-    bounds = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        bounds.append((idx[0] + idx[-1]) / 2.0)
-    return np.array(bounds)
+    return (box[0] + box[1] - 1) / 2.0
 
 
 # -- mapping kernels -------------------------------------------------------------------------
@@ -347,23 +357,12 @@ def _sub_matrix(m: np.ndarray, start: np.ndarray) -> np.ndarray:
     return m @ shift
 
 
-def _mask_box(mask: np.ndarray):
-    if not mask.any():
-        return None
-    lo, hi = [], []
-    for a in range(3):
-        idx = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
-        lo.append(int(idx[0]))
-        hi.append(int(idx[-1]))
-    return lo, hi
-
-
 def _foreground_box(m_out_to_in: np.ndarray, in_mask: np.ndarray, out_shape, margin: int = 2):
     """Bounding box in the output grid that covers the input's mask (plus margin), or None."""
-    box = _mask_box(in_mask)
+    box = bounding_box(in_mask)
     if box is None:
         return None
-    lo, hi = box
+    lo, hi = box[0], box[1] - 1
     corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
     pts = (np.linalg.inv(m_out_to_in) @ corners.T).T[:, :3]
     start = np.maximum(np.floor(pts.min(0)).astype(int) - margin, 0)

@@ -12,8 +12,6 @@ Outputs (``-o DIR`` or ``-o metrics.csv``):
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import json
 import logging
 import math
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import QuicknatInputError
-from .io import Volume, atomic_write_text, is_volume_file, load_volume, stem
+from .io import Volume, atomic_write_text, csv_text, is_volume_file, load_volume, same_grid, stem
 from .labels import ASEG_TO_TISSUE, LabelScheme, get_scheme, merge_labels
 from .metrics import METRICS, StructureScore, evaluate_pair
 
@@ -65,10 +63,6 @@ def pair_files(pred: str | Path, ref: str | Path) -> list[tuple[str, Path, Path]
     return [(k, preds[k], refs[k]) for k in common]
 
 
-def _same_grid(a: Volume, b: Volume) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-4)
-
-
 def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto the reference grid (IDs never mixed)."""
     import torch
@@ -85,7 +79,7 @@ def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
 def score_pair(pred_path: Path, ref_path: Path, scheme: LabelScheme, resample: bool = False,
                merge_to_tissue: bool = False) -> list[StructureScore]:
     pred, ref = load_volume(pred_path), load_volume(ref_path)
-    if not _same_grid(pred, ref):
+    if not same_grid(pred, ref, atol=1e-4):
         if not resample:
             raise QuicknatInputError(pred_path, f"is on a different grid than {ref_path} (pass --resample)")
         p = resample_labels(pred, ref)
@@ -139,15 +133,6 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = _io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()
-
-
 def _outputs(out: Path | None) -> tuple[Path, Path]:
     if out is None:
         out = Path("quicknat_eval")
@@ -165,8 +150,8 @@ def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | Label
         rows += long_rows(subject, score_pair(p, r, sch, resample))
     metrics_path, summary_path = _outputs(Path(out) if out else None)
     summary = summarise(rows)
-    atomic_write_text(metrics_path, _csv(rows))
-    atomic_write_text(summary_path, _csv(summary))
+    atomic_write_text(metrics_path, csv_text(rows))
+    atomic_write_text(summary_path, csv_text(summary))
     return metrics_path, summary
 
 
@@ -205,8 +190,8 @@ def evaluate_model(model, manifest: str | Path, split: str = "test", out: str | 
         raise QuicknatInputError(m.path, f"split {split!r} holds no scans")
     metrics_path, summary_path = _outputs(out)
     summary = summarise(rows)
-    atomic_write_text(metrics_path, _csv(rows))
-    atomic_write_text(summary_path, _csv(summary))
+    atomic_write_text(metrics_path, csv_text(rows))
+    atomic_write_text(summary_path, csv_text(summary))
     info = {"model": str(getattr(seg.model, "path", model)), "manifest": str(m.path), "split": split,
             "scheme": data_scheme.to_dict(), "merged_to_tissue": merge, "mc": mc, "scans": pairs}
     atomic_write_text(out / "eval.json", json.dumps(info, indent=1) + "\n")

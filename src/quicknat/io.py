@@ -213,6 +213,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
+    """True when two volumes share shape and affine (within ``atol`` mm)."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=atol)
+
+
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    """Rows as CSV text; columns from ``fieldnames`` or the first row."""
+    import csv
+    import io as _io
+
+    buf = _io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return buf.getvalue()
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write text (UTF-8) atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))

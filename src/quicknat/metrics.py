@@ -76,10 +76,10 @@ def dice_onehot(y_pred: torch.Tensor, y: torch.Tensor, include_background: bool 
 
 
 def _box(mask: np.ndarray, margin: int = 2):
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - margin, 0)
-    hi = np.minimum(idx.max(0) + margin + 1, mask.shape)
-    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    from .conform import bounding_box
+
+    start, stop = bounding_box(mask, margin)
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .conform import ConformSettings, plan_conform
-from .io import Volume, atomic_write_bytes
+from .io import Volume, atomic_write_bytes, same_grid
 from .labels import ASEG33, LabelScheme
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def save_overlay(
         classes = None
         colors, names = ASEG33.colors, ASEG33.names
         if seg is not None:
-            if seg.shape != image.shape or not np.allclose(seg.affine, image.affine, atol=1e-3):
+            if not same_grid(seg, image):
                 from .errors import QuicknatInputError
 
                 raise QuicknatInputError(seg.path, "segmentation and image are on different grids")
@@ -157,7 +157,8 @@ def _fig_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _curves_png(history: list[dict], view: str) -> bytes:
+def curves_png(history: list[dict], view: str) -> bytes:
+    """Training curves of one view (loss and its parts, validation Dice per class and mean, lr)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -260,7 +261,7 @@ def build_report(folder: str | Path, out: str | Path, title: str | None = None) 
                 found = True
                 best = max(h["val_dice_mean"] for h in history)
                 parts.append(f"<h2>Training: {view}</h2><p>{len(history)} epochs, best validation Dice "
-                             f"{best:.3f}</p>{_png_tag(_curves_png(history, view), view + ' curves')}")
+                             f"{best:.3f}</p>{_png_tag(curves_png(history, view), view + ' curves')}")
     metrics_csv = folder / "metrics.csv"
     if metrics_csv.exists():
         found = True

@@ -19,8 +19,6 @@ reported, as in Bayesian QuickNAT (Roy et al. 2019). QC volumes are counted in c
 
 from __future__ import annotations
 
-import csv
-import io as _io
 import logging
 import os
 import time
@@ -32,9 +30,9 @@ import numpy as np
 import torch
 
 from .checkpoint import Model, load_model
-from .conform import ConformPlan, plan_conform
+from .conform import ConformPlan, bounding_box, plan_conform
 from .errors import QuicknatError, QuicknatInputError
-from .io import Volume, is_volume_file, load_volume, stem
+from .io import Volume, csv_text, is_volume_file, load_volume, stem
 from .labels import ASEG_TO_TISSUE, LabelScheme, merge_labels
 from .model import set_mc_dropout
 from .views import channel_view, get_view, slices
@@ -254,18 +252,8 @@ class Segmenter:
 
 
 def _head_box(conformed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mask = conformed > EMPTY_SLICE
-    shape = np.array(conformed.shape)
-    if not mask.any():
-        return np.zeros(3, dtype=int), shape
-    lo, hi = [], []
-    for a in range(3):
-        idx = np.flatnonzero(mask.any(axis=tuple(b for b in range(3) if b != a)))
-        lo.append(idx[0])
-        hi.append(idx[-1] + 1)
-    start = np.maximum(np.array(lo) - BOX_MARGIN, 0)
-    stop = np.minimum(np.array(hi) + BOX_MARGIN, shape)
-    return start, stop
+    box = bounding_box(conformed > EMPTY_SLICE, BOX_MARGIN)
+    return box if box is not None else (np.zeros(3, dtype=int), np.array(conformed.shape))
 
 
 def _scalar_to_native(plan: ConformPlan, values: torch.Tensor) -> np.ndarray:
@@ -275,15 +263,6 @@ def _scalar_to_native(plan: ConformPlan, values: torch.Tensor) -> np.ndarray:
 
 
 # -- outputs -------------------------------------------------------------------------------
-def _csv_text(rows: list[dict]) -> str:
-    buf = _io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    return buf.getvalue()
-
-
 class _Staged:
     """Writes files under temporary names and renames them all at the end (all or nothing)."""
 
@@ -333,9 +312,9 @@ def write_outputs(
     try:
         labels = result.labels
         save_volume(labels, vol.affine, stage.path(outdir / f"{name}_seg.nii.gz"), header=vol.header, dtype=np.int16)
-        (stage.path(outdir / f"{name}_volumes.csv")).write_text(_csv_text(result.volumes()))
+        (stage.path(outdir / f"{name}_volumes.csv")).write_text(csv_text(result.volumes()))
         if result.qc is not None:
-            stage.path(outdir / f"{name}_qc.csv").write_text(_csv_text(result.qc))
+            stage.path(outdir / f"{name}_qc.csv").write_text(csv_text(result.qc))
         if tissue:
             if result.scheme.name != "aseg33":
                 raise QuicknatError(f"--tissue needs an aseg33 model, not {result.scheme.name!r}")

@@ -21,7 +21,6 @@ on CPU, NCCL on GPU) and a DistributedSampler; only rank 0 validates and writes.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from .config import TrainConfig
 from .data.manifest import Manifest, load_manifest
 from .data.slices import SliceDataset, VolumeCache, median_frequency_weights, volume_slices
 from .errors import QuicknatInputError
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, csv_text
 from .labels import LabelScheme, get_scheme
 from .losses import QuickNATLoss
 from .model import QuickNAT, QuickNATConfig
@@ -179,39 +178,10 @@ def _load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, 
     net.load_state_dict(state, strict=True)
 
 
-def _plot_curves(history: list[dict], path: Path, names: list[str]) -> None:
-    import matplotlib
+def _plot_curves(history: list[dict], path: Path, view: str) -> None:
+    from .report import curves_png
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    ax[0].plot(ep, [h["train_loss"] for h in history], label="train loss")
-    ax[0].plot(ep, [h["train_dice_loss"] for h in history], "--", label="train soft-Dice loss")
-    ax[0].plot(ep, [h["train_ce"] for h in history], ":", label="train weighted CE")
-    if "val_loss" in history[0]:
-        ax[0].plot(ep, [h["val_loss"] for h in history], label="validation loss")
-    ax[0].set_xlabel("epoch")
-    ax[0].legend()
-    ax[0].set_title("loss")
-    ax[1].plot(ep, [h["val_dice_mean"] for h in history], "k-", lw=2, label="validation mean")
-    if "train_dice_mean" in history[0]:
-        ax[1].plot(ep, [h["train_dice_mean"] for h in history], "k--", label="train (slices)")
-    for n in names[1:]:
-        key = f"val_dice/{n}"
-        if key in history[0]:
-            ax[1].plot(ep, [h[key] for h in history], lw=0.6, alpha=0.6)
-    ax[1].set_ylim(0, 1)
-    ax[1].set_xlabel("epoch")
-    ax[1].set_title("Dice (validation, 3D, per class)")
-    ax[1].legend()
-    ax[2].semilogy(ep, [h["lr"] for h in history])
-    ax[2].set_title("learning rate")
-    ax[2].set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    atomic_write_bytes(path, curves_png(history, view))
 
 
 def train_view(
@@ -423,7 +393,7 @@ def train_view(
         if writer is not None:
             writer.close()
     if _is_main() and history:
-        _plot_curves(history, vdir / "curves.png", vscheme.names)
+        _plot_curves(history, vdir / "curves.png", view)
     if on_end is not None:
         on_end(net)
     return rundir / f"{view}.pt"
@@ -470,16 +440,8 @@ def _sync_buffers(net: torch.nn.Module) -> None:
 
 def _write_history(history: list[dict], vdir: Path) -> None:
     atomic_write_text(vdir / "history.json", json.dumps(history, indent=1) + "\n")
-    keys = list(history[0])
-    for h in history:
-        keys += [k for k in h if k not in keys]
-    import io as _io
-
-    buf = _io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    w.writerows(history)
-    atomic_write_text(vdir / "history.csv", buf.getvalue())
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    atomic_write_text(vdir / "history.csv", csv_text(history, keys))
 
 
 def train(
@@ -523,10 +485,7 @@ def plot_history(rundir: str | Path) -> list[Path]:
     for v in VIEWS:
         hp = Path(rundir) / v / "history.json"
         if hp.exists():
-            history = json.loads(hp.read_text())
-            ck = Path(rundir) / f"{v}.pt"
-            names = load_checkpoint(ck).view_scheme.names if ck.exists() else []
-            _plot_curves(history, Path(rundir) / v / "curves.png", names)
+            _plot_curves(json.loads(hp.read_text()), Path(rundir) / v / "curves.png", v)
             out.append(Path(rundir) / v / "curves.png")
     return out
 

@@ -64,11 +64,6 @@ def slices(volume: np.ndarray | torch.Tensor, view: str | ViewSpec):
     return np.moveaxis(volume, axis, 0)
 
 
-def slice_count(shape: tuple[int, ...], view: str | ViewSpec) -> int:
-    spec = get_view(view) if isinstance(view, str) else view
-    return int(shape[len(shape) - 3 + spec.axis])
-
-
 def channel_view(accumulator: torch.Tensor, view: str | ViewSpec) -> torch.Tensor:
     """A (C, X, Y, Z) accumulator seen as (N, C, H, W) slices of ``view`` (shares memory)."""
     spec = get_view(view) if isinstance(view, str) else view

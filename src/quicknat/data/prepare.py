@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QuicknatInputError
-from ..io import Volume, is_volume_file, load_volume, save_volume, stem
+from ..io import Volume, is_volume_file, load_volume, same_grid, save_volume, stem
 from .archive import download, safe_extract
 from .manifest import Manifest, Scan, load_manifest, reuse_or_split
 
@@ -55,10 +55,6 @@ def _facts(image: Volume | None, label: Volume | None) -> dict:
     if label is not None:
         facts["label_values"] = [int(v) for v in np.unique(np.rint(label.array).astype(np.int64))]
     return facts
-
-
-def _same_grid(a: Volume, b: Volume) -> bool:
-    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
 
 
 def _convert(src: Path, dest: Path, label: bool) -> Volume:
@@ -112,7 +108,7 @@ def _build_scans(found: list[_Found], out: Path, base: Path) -> tuple[list[Scan]
         except QuicknatInputError as exc:
             missing.append({"id": f.id, "reason": str(exc)})
             continue
-        if not _same_grid(img, lab):
+        if not same_grid(img, lab):
             missing.append({"id": f.id, "reason": "image and label do not share geometry"})
             continue
         scans.append(Scan(f.id, f.subject, os.path.relpath(img.path, base), os.path.relpath(lab.path, base),
@@ -180,7 +176,7 @@ def prepare_freesurfer(subjects_dir: str | Path, out: str | Path | None = None, 
             missing.append({"id": subj.name, "reason": f"no {'image' if image is None else 'aseg.mgz'}"})
             continue
         img, lab = load_volume(image), load_volume(label)
-        if not _same_grid(img, lab):
+        if not same_grid(img, lab):
             missing.append({"id": subj.name, "reason": "image and label do not share geometry"})
             continue
         scans.append(Scan(subj.name, subj.name, os.path.relpath(image, base), os.path.relpath(label, base),

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..conform import ConformSettings, plan_conform
-from ..io import load_volume
+from ..io import load_volume, same_grid
 from ..labels import LabelScheme
 from ..views import get_view, slices
 from .manifest import Scan
@@ -118,7 +118,7 @@ class VolumeCache:
             self.unknown[k] = self.unknown.get(k, 0) + v
         if image_path is not None:
             image = load_volume(image_path)
-            if image.shape != lab.shape or not np.allclose(image.affine, lab.affine, atol=1e-3):
+            if not same_grid(image, lab):
                 from ..errors import QuicknatInputError
 
                 raise QuicknatInputError(label_path, "label and image do not share geometry")

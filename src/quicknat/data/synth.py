@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conform import ConformSettings, target_rotation
+from ..conform import ConformSettings, bounding_box, target_rotation
 from ..labels import LabelScheme
 from ..views import get_view
 
@@ -89,11 +89,10 @@ class LabelMapSynth:
             uniq, inv = np.unique(ids, return_inverse=True)
             compact = torch.from_numpy(inv.reshape(ids.shape).astype(np.int16)).to(self.device)
             classes, _ = scheme.encode(uniq)
-            brain = np.isin(ids, [u for u, c in zip(uniq, classes) if c > 0])
-            lo = np.array([np.flatnonzero(brain.any(axis=tuple(b for b in range(3) if b != a)))[0] for a in range(3)])
-            hi = np.array([np.flatnonzero(brain.any(axis=tuple(b for b in range(3) if b != a)))[-1] for a in range(3)])
+            box = bounding_box(np.isin(ids, [u for u, c in zip(uniq, classes) if c > 0]))
+            centre = (np.array(ids.shape) - 1) / 2.0 if box is None else (box[0] + box[1] - 1) / 2.0
             self.maps.append({
-                "centre": (lo + hi) / 2.0,  # the brain's bounding-box centre (voxels): slices are placed on it
+                "centre": centre,  # the brain's bounding-box centre (voxels): slices are placed on it
                 "compact": compact.float()[None, None],  # for nearest grid_sample
                 "ids": uniq,
                 "classes": torch.from_numpy(classes.astype(np.int64)).to(self.device),
@@ -106,13 +105,8 @@ class LabelMapSynth:
 
     def _groups(self) -> dict[int, int]:
         """Label ID -> intensity group (left/right partners share one)."""
-        groups: dict[int, int] = {}
-        for k, c in enumerate(self.scheme.classes):
-            g = min(k, self.scheme.class_of_label(self.scheme.classes[[x.name for x in self.scheme.classes].index(
-                c.partner)].label)) if c.partner else k
-            for i in c.source_ids:
-                groups[i] = g
-        return groups
+        merged = self.scheme.lr_merge_index()
+        return {i: int(merged[k]) for k, c in enumerate(self.scheme.classes) for i in c.source_ids}
 
     # -- geometry ------------------------------------------------------------------------
     def _random_affine(self, g: torch.Generator) -> np.ndarray:
