@@ -59,15 +59,17 @@ def render_overlay(
     names: list[str],
     title: str = "",
 ) -> bytes:
-    """PNG bytes of three planes of a conformed image with a class map over it."""
-    import matplotlib
+    """PNG bytes of three planes of a conformed image with a class map over it.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Uses a bare :class:`~matplotlib.figure.Figure` (no pyplot state), so overlays can be
+    rendered in a writer thread while the next scan is segmented.
+    """
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     centre = _centre(image, classes)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.6), facecolor="black")
+    fig = Figure(figsize=(15, 5.6), facecolor="black")
+    axes = fig.subplots(1, 3)
     for ax, (name, img, cls) in zip(axes, _panels(image, classes, centre)):
         ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(np.percentile(image, 99.5)), 1e-6), interpolation="nearest")
         if cls is not None:
@@ -90,7 +92,6 @@ def render_overlay(
     fig.subplots_adjust(left=0.01, right=0.80 if classes is not None else 0.99, top=0.9, bottom=0.02, wspace=0.02)
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, facecolor="black")
-    plt.close(fig)
     return buf.getvalue()
 
 

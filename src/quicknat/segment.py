@@ -7,8 +7,9 @@ and folders and writes the outputs (see :func:`write_outputs` for the files and 
 Aggregation follows QuickNAT: each view's softmax probabilities are added, in place, into one
 accumulator with the view's weight (0.4 coronal, 0.4 axial, 0.2 sagittal; the sagittal view's
 merged left/right classes are copied to both sides first, and the sum is renormalised to a
-probability per voxel). Only the head's bounding box in conformed space
-is processed; empty slices add background without running the network.
+probability per voxel). The network sees whole conformed slices, as in
+training, but only slices that cross the head's bounding box are run and only the box is kept;
+empty slices add background without running the network.
 
 With ``mc=N`` the chain runs N times with dropout active (batch norm in eval): the segmentation
 is the argmax of the mean probability, and per structure the coefficient of variation of its
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from .errors import QuicknatError, QuicknatInputError
 from .io import Volume, csv_text, is_volume_file, load_volume, stem
 from .labels import ASEG_TO_TISSUE, LabelScheme, merge_labels
 from .model import set_mc_dropout
-from .views import channel_view, get_view, slices
+from .views import channel_view, get_view, slice_box, slices
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,22 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuicknatInputError(None, "--device cuda was asked for, but no CUDA device is available")
     return dev
+
+
+@dataclass(frozen=True)
+class SpeedPaths:
+    """The speed choices of :class:`Segmenter`, each of which can be turned off to get the
+    reference path back (``tests/test_speed_paths.py`` checks that every one leaves the
+    segmentation unchanged: Dice >= 0.999 per structure against the reference)."""
+
+    crop: bool = True  # keep only the head's bounding box (slices crossing it, whole in-plane)
+    skip_empty: bool = True  # empty slices add background without running the network
+    channels_last: bool = True  # NHWC convolutions (oneDNN on CPU, cuDNN on GPU)
+    fast_resample: bool = True  # separable trilinear back-mapping of the classes present only
+
+    @classmethod
+    def reference(cls) -> SpeedPaths:
+        return cls(False, False, False, False)
 
 
 @dataclass
@@ -101,8 +118,15 @@ class Segmenter:
         model: a :class:`~quicknat.checkpoint.Model`, a model folder/checkpoint path, an
             installed model name, or None for the default model.
         device: "auto", "cpu", "cuda" or a torch device.
-        batch_size: slices per forward pass (default 8 on CPU, 64 on CUDA).
-        amp: autocast (bf16) on CUDA; default on for CUDA.
+        batch_size: slices per forward pass (default 4 on CPU, 64 on CUDA: measured best by
+            ``bench/segment_speed.py``).
+        amp: bfloat16 autocast. Off by default: it changes a fraction of a percent of voxels
+            (measured by ``bench/segment_speed.py --amp``), and quicknat never trades accuracy
+            for speed silently.
+
+    Speed choices that leave results unchanged (each checked against the reference path in
+    ``tests/test_speed_paths.py``): channels-last convolutions, the head's bounding box only,
+    empty slices skipped, probabilities accumulated in place, separable back-mapping.
     """
 
     def __init__(
@@ -111,32 +135,42 @@ class Segmenter:
         device: str | torch.device = "auto",
         batch_size: int | None = None,
         amp: bool | None = None,
+        paths: SpeedPaths = SpeedPaths(),
     ):
         self.model = load_model(model)
+        self.paths = paths
         self.device = resolve_device(device)
-        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 8)
-        self.amp = (self.device.type == "cuda") if amp is None else amp
+        self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
+        self.amp = bool(amp)
         self.scheme = self.model.scheme
         self.settings = self.model.conform
         self.nets = {}
         self.expand = {}
         for name, ck in self.model.views.items():
-            net = ck.build().to(self.device)
-            if self.device.type == "cuda":
-                net = net.to(memory_format=torch.channels_last)
-            self.nets[name] = net
+            fmt = torch.channels_last if paths.channels_last else torch.contiguous_format
+            self.nets[name] = ck.build().to(self.device, memory_format=fmt)
             idx = get_view(name).expand_index(self.scheme)
             self.expand[name] = None if idx is None else torch.as_tensor(idx, device=self.device)
         total = sum(self.model.weights.values())
         self.weights = {v: w / total for v, w in self.model.weights.items()}
 
     # -- core --------------------------------------------------------------------------------
-    def _view_pass(self, name: str, image: torch.Tensor, acc: torch.Tensor, weight: float) -> None:
-        """Add ``weight`` x this view's softmax probabilities for every slice into ``acc``."""
+    def _view_pass(self, name: str, image: torch.Tensor, box: tuple[slice, ...], acc: torch.Tensor,
+                   weight: float) -> None:
+        """Add ``weight`` x this view's softmax probabilities inside ``box`` into ``acc``.
+
+        The network always sees whole conformed slices, as in training (cutting slices to the
+        head's box changes what a convolutional network predicts near the cut); only the slices
+        that cross the box are run, and only the box is kept.
+        """
         net = self.nets[name]
-        stack = slices(image, name)  # (N, H, W)
-        target = channel_view(acc, name)  # (N, C, H, W), shares acc's memory
-        nonempty = (stack.reshape(stack.shape[0], -1).amax(1) > EMPTY_SLICE).nonzero().flatten().tolist()
+        along, (hs, ws) = slice_box(box, name)
+        stack = slices(image, name)[along]  # (N, H, W), whole slices
+        target = channel_view(acc, name)  # (N, C, h, w), shares acc's memory
+        if self.paths.skip_empty:
+            nonempty = (stack.reshape(stack.shape[0], -1).amax(1) > EMPTY_SLICE).nonzero().flatten().tolist()
+        else:
+            nonempty = list(range(stack.shape[0]))
         empty = sorted(set(range(stack.shape[0])) - set(nonempty))
         if empty:
             target[empty, 0] += weight
@@ -144,19 +178,20 @@ class Segmenter:
         for i in range(0, len(nonempty), self.batch_size):
             idx = nonempty[i : i + self.batch_size]
             x = stack[idx].unsqueeze(1).to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
+            if self.paths.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                logits = net(x)
+                logits = net(x)[:, :, hs, ws]
             p = torch.softmax(logits.float(), dim=1)
             if expand is not None:
                 p = p.index_select(1, expand)
             target[idx] += weight * p.to(acc.dtype)
 
-    def _aggregate(self, image: torch.Tensor) -> torch.Tensor:
-        acc = torch.zeros((self.scheme.num_classes, *image.shape), dtype=torch.float32, device=self.device)
+    def _aggregate(self, image: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
+        shape = tuple(b.stop - b.start for b in box)
+        acc = torch.zeros((self.scheme.num_classes, *shape), dtype=torch.float32, device=self.device)
         for name in self.nets:
-            self._view_pass(name, image, acc, self.weights[name])
+            self._view_pass(name, image, box, acc, self.weights[name])
         # The sagittal expansion copies a merged pair's probability to both sides, so the sum
         # exceeds 1 there; renormalise (the argmax is unchanged).
         acc /= acc.sum(0, keepdim=True)
@@ -178,10 +213,13 @@ class Segmenter:
         conformed = plan.image(volume.array)
         timings["conform"] = time.perf_counter() - t0
 
-        start, stop = _head_box(conformed)
+        if self.paths.crop:
+            start, stop = _head_box(conformed)
+        else:
+            start, stop = np.zeros(3, dtype=int), np.array(conformed.shape)
         sub = plan.crop(start, stop)
         region = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
-        image = torch.from_numpy(np.ascontiguousarray(conformed[region]))
+        image = torch.from_numpy(conformed)
 
         t = time.perf_counter()
         qc = None
@@ -190,9 +228,9 @@ class Segmenter:
             set_mc_dropout(net, mc > 0)
         if mc > 0:
             torch.manual_seed(seed)
-            probs, qc = self._mc(image, passes)
+            probs, qc = self._mc(image, region, passes)
         else:
-            probs = self._aggregate(image)
+            probs = self._aggregate(image, region)
         timings["network"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -200,26 +238,28 @@ class Segmenter:
         cls_crop = probs_cpu.argmax(0).to(torch.uint8).numpy()
         conformed_classes = np.zeros(plan.shape, dtype=np.uint8)
         conformed_classes[region] = cls_crop
-        native = sub.probs_to_native(probs_cpu, argmax_only=True)
-        post = sub.probs_to_native(probs_cpu, argmax_only=False) if posteriors else None
+        fast = self.paths.fast_resample
+        native = sub.probs_to_native(probs_cpu, argmax_only=True, fast=fast)
+        post = sub.probs_to_native(probs_cpu, argmax_only=False, fast=fast) if posteriors else None
         unc = None
         if uncertainty:
             ent = -(probs_cpu.clamp_min(1e-8).log() * probs_cpu).sum(0)
-            unc = _scalar_to_native(sub, ent)
+            unc = _scalar_to_native(sub, ent, fast)
         timings["back_to_native"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(
             volume, self.scheme, native, plan, conformed, conformed_classes, post, unc, qc, timings
         )
 
-    def _mc(self, image: torch.Tensor, passes: int) -> tuple[torch.Tensor, list[dict]]:
+    def _mc(self, image: torch.Tensor, box: tuple[slice, ...], passes: int) -> tuple[torch.Tensor, list[dict]]:
         c = self.scheme.num_classes
-        mean = torch.zeros((c, *image.shape), dtype=torch.float32, device=self.device)
+        shape = tuple(b.stop - b.start for b in box)
+        mean = torch.zeros((c, *shape), dtype=torch.float32, device=self.device)
         volumes = torch.zeros((passes, c), dtype=torch.float64)
-        seen = torch.zeros(image.shape, dtype=torch.int64, device=self.device)  # bit c: some pass said c
+        seen = torch.zeros(shape, dtype=torch.int64, device=self.device)  # bit c: some pass said c
         first = agree = None
         for k in range(passes):
-            p = self._aggregate(image)
+            p = self._aggregate(image, box)
             mean += p
             lab = p.argmax(0)
             volumes[k] = torch.bincount(lab.flatten(), minlength=c).double().cpu()
@@ -256,10 +296,12 @@ def _head_box(conformed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return box if box is not None else (np.zeros(3, dtype=int), np.array(conformed.shape))
 
 
-def _scalar_to_native(plan: ConformPlan, values: torch.Tensor) -> np.ndarray:
-    from .conform import _map
+def _scalar_to_native(plan: ConformPlan, values: torch.Tensor, fast: bool = True) -> np.ndarray:
+    from .conform import _map, _resample
 
-    return _map(values.numpy().astype(np.float32), plan.from_native, plan.native_shape, plan.exact, mode="bilinear")
+    if plan.exact:
+        return _map(values.numpy().astype(np.float32), plan.from_native, plan.native_shape, True)
+    return _resample(values.float(), plan.from_native, plan.native_shape, "bilinear", separable=fast).numpy()
 
 
 # -- outputs -------------------------------------------------------------------------------
@@ -385,35 +427,88 @@ def segment_files(
     posteriors: bool = False,
     uncertainty: bool = False,
     overlay: bool = True,
+    amp: bool = False,
     progress: bool = False,
     segmenter: Segmenter | None = None,
+    stream: bool = True,
 ) -> list[ScanOutcome]:
     """Segment scans (files or folders); a scan that fails is recorded and skipped.
 
     The model is loaded before any scan is read, so a missing model fails once, up front.
+    With ``stream`` (the default), I/O overlaps compute: the next scan is read in one thread and
+    the previous scan's outputs are written in another while the current scan is segmented; at
+    most one scan is read ahead and one result waits to be written. ``stream=False`` does one
+    thing at a time (the reference: both write the same files).
     """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
-    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size)
+    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp)
     if not inputs:
         inputs = [example_scan()]
     outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
     scans = find_scans(inputs)
-    outcomes: list[ScanOutcome] = []
-    for path, from_folder in tqdm(scans, desc="segment", unit="scan", disable=not progress):
-        oc = ScanOutcome(path, from_folder=from_folder)
+    outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
+
+    def load(path: Path) -> tuple[Volume, float]:
+        t = time.perf_counter()
+        return load_volume(path), time.perf_counter() - t
+
+    def write(oc: ScanOutcome, res: SegmentationResult) -> None:
+        t = time.perf_counter()
+        oc.outputs = write_outputs(res, outdir, stem(oc.path), tissue=tissue, overlay=overlay)
+        res.timings["write"] = time.perf_counter() - t
+        oc.timings = res.timings
+
+    def settle(oc: ScanOutcome, job: Callable[[], object]) -> None:
         try:
-            vol = load_volume(path)
-            res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
-            t = time.perf_counter()
-            oc.outputs = write_outputs(res, outdir, stem(path), tissue=tissue, overlay=overlay)
-            res.timings["write"] = time.perf_counter() - t
-            oc.timings = res.timings
+            job()
         except (QuicknatInputError, QuicknatError) as exc:
             oc.error = str(exc)
         except Exception as exc:  # one bad scan must not stop a cohort
-            log.debug("failure on %s", path, exc_info=True)
-            oc.error = f"{path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        outcomes.append(oc)
-        log.info("%s: %s", path, oc.error or f"wrote {len(oc.outputs)} files")
+            log.debug("failure on %s", oc.path, exc_info=True)
+            oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+    def finish(oc: ScanOutcome, job: Future | None) -> None:
+        if job is not None:
+            settle(oc, job.result)
+        log.info("%s: %s", oc.path, oc.error or f"wrote {len(oc.outputs)} files")
+
+    workers = 1 if stream else 0
+    with ThreadPoolExecutor(max(workers, 1)) as reader, ThreadPoolExecutor(max(workers, 1)) as writer:
+
+        def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
+            if stream:
+                return pool.submit(fn, *args)
+            done: Future = Future()
+            try:
+                done.set_result(fn(*args))
+            except BaseException as exc:
+                done.set_exception(exc)
+            return done
+
+        reading = submit(reader, load, outcomes[0].path) if outcomes else None
+        writing: tuple[ScanOutcome, Future] | None = None
+        for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
+            current = reading
+            reading = submit(reader, load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
+            result: list[SegmentationResult] = []
+
+            def compute(current=current, result=result) -> None:
+                vol, seconds = current.result()
+                res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
+                res.timings["load"] = seconds
+                result.append(res)
+
+            settle(oc, compute)
+            if writing is not None:  # at most one result waits to be written
+                finish(*writing)
+                writing = None
+            if result:
+                writing = (oc, submit(writer, write, oc, result[0]))
+            else:
+                finish(oc, None)
+        if writing is not None:
+            finish(*writing)
     return outcomes

@@ -68,3 +68,11 @@ def channel_view(accumulator: torch.Tensor, view: str | ViewSpec) -> torch.Tenso
     """A (C, X, Y, Z) accumulator seen as (N, C, H, W) slices of ``view`` (shares memory)."""
     spec = get_view(view) if isinstance(view, str) else view
     return accumulator.movedim(1 + spec.axis, 0)
+
+
+def slice_box(box: tuple[slice, slice, slice], view: str | ViewSpec) -> tuple[slice, tuple[slice, slice]]:
+    """A 3D box (one slice per axis) as (the slices along the view's axis, the in-plane window
+    (H, W) of each slice), matching :func:`slices` and :func:`channel_view`."""
+    spec = get_view(view) if isinstance(view, str) else view
+    h, w = (box[a] for a in range(3) if a != spec.axis)
+    return box[spec.axis], (h, w)
