@@ -78,5 +78,5 @@ def test_cli_reference_is_current():
 
 def test_docs_exist_and_link():
     readme = (ROOT / "README.md").read_text()
-    for doc in ("docs/tutorial.md", "docs/cli.md", "docs/outputs.md", "docs/checkpoints.md"):
+    for doc in ("docs/tutorial.md", "docs/cli.md", "docs/outputs.md", "docs/checkpoints.md", "docs/performance.md"):
         assert (ROOT / doc).exists() and doc in readme

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
     p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
     p.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast: faster on GPUs, changes a few voxels (off by default)")
+                   help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
     _common(p)
     p.set_defaults(func=_cmd_segment)
 
