@@ -331,11 +331,9 @@ def _foreground_box(m_out_to_in: np.ndarray, in_mask: np.ndarray, out_shape, mar
     box = bounding_box(in_mask)
     if box is None:
         return None
-    lo, hi = box[0], box[1] - 1
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    pts = (np.linalg.inv(m_out_to_in) @ corners.T).T[:, :3]
-    start = np.maximum(np.floor(pts.min(0)).astype(int) - margin, 0)
-    stop = np.minimum(np.ceil(pts.max(0)).astype(int) + margin + 1, np.array(out_shape))
+    lo, hi = _box_through(np.linalg.inv(m_out_to_in), *box)
+    start = np.maximum(np.floor(lo).astype(int) - margin, 0)
+    stop = np.minimum(np.ceil(hi).astype(int) + margin + 1, np.array(out_shape))
     if np.any(stop <= start):
         return None
     return start, stop
@@ -471,7 +469,8 @@ def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, 
         ids, src = channels(*box)
         if len(ids) == 0:
             continue
-        sub = np.linalg.inv(_sub_matrix(np.eye(4), box[0])) @ _sub_matrix(m, s0)
+        sub = _sub_matrix(m, s0)  # slab index -> index in the input box
+        sub[:3, 3] -= box[0]
         r = _resample(src, sub, tuple(int(v) for v in s1 - s0), "bilinear", chunk=chunk, separable=separable)
         best, arg = r.max(0)
         cls = torch.as_tensor(ids, dtype=torch.int16)[arg]

@@ -134,14 +134,14 @@ class Segmenter:
         model: Model | str | Path | None = None,
         device: str | torch.device = "auto",
         batch_size: int | None = None,
-        amp: bool | None = None,
+        amp: bool = False,
         paths: SpeedPaths = SpeedPaths(),
     ):
         self.model = load_model(model)
         self.paths = paths
         self.device = resolve_device(device)
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
-        self.amp = bool(amp)
+        self.amp = amp
         self.scheme = self.model.scheme
         self.settings = self.model.conform
         self.nets = {}
@@ -364,7 +364,7 @@ def write_outputs(
             save_volume(merge_labels(labels, ASEG_TO_TISSUE), vol.affine, stage.path(outdir / f"{name}_tissue.nii.gz"),
                         header=vol.header, dtype=np.int16)
         if result.posteriors is not None:
-            post = np.moveaxis(result.posteriors, 0, -1).astype(np.float32)
+            post = np.moveaxis(result.posteriors, 0, -1).astype(np.float32, copy=False)  # a view, no 2nd copy
             save_volume(post, vol.affine, stage.path(outdir / f"{name}_posteriors.nii.gz"), dtype=np.float32)
         if result.uncertainty is not None:
             unc_path = stage.path(outdir / f"{name}_uncertainty.nii.gz")
@@ -462,30 +462,37 @@ def segment_files(
         res.timings["write"] = time.perf_counter() - t
         oc.timings = res.timings
 
-    def settle(oc: ScanOutcome, job: Callable[[], object]) -> None:
+    def settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
+        """Run ``job``; a failure becomes the scan's error (and None is returned)."""
         try:
-            job()
+            return job()
         except (QuicknatInputError, QuicknatError) as exc:
             oc.error = str(exc)
         except Exception as exc:  # one bad scan must not stop a cohort
             log.debug("failure on %s", oc.path, exc_info=True)
             oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return None
 
     def finish(oc: ScanOutcome, job: Future | None) -> None:
         if job is not None:
             settle(oc, job.result)
         log.info("%s: %s", oc.path, oc.error or f"wrote {len(oc.outputs)} files")
 
-    workers = 1 if stream else 0
-    with ThreadPoolExecutor(max(workers, 1)) as reader, ThreadPoolExecutor(max(workers, 1)) as writer:
+    def compute(reading: Future) -> SegmentationResult:
+        vol, seconds = reading.result()
+        res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
+        res.timings["load"] = seconds
+        return res
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
 
         def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
             if stream:
                 return pool.submit(fn, *args)
-            done: Future = Future()
+            done: Future = Future()  # one thing at a time: run it now
             try:
                 done.set_result(fn(*args))
-            except BaseException as exc:
+            except Exception as exc:
                 done.set_exception(exc)
             return done
 
@@ -494,20 +501,12 @@ def segment_files(
         for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
             current = reading
             reading = submit(reader, load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
-            result: list[SegmentationResult] = []
-
-            def compute(current=current, result=result) -> None:
-                vol, seconds = current.result()
-                res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
-                res.timings["load"] = seconds
-                result.append(res)
-
-            settle(oc, compute)
+            res = settle(oc, lambda current=current: compute(current))
             if writing is not None:  # at most one result waits to be written
                 finish(*writing)
                 writing = None
-            if result:
-                writing = (oc, submit(writer, write, oc, result[0]))
+            if res is not None:
+                writing = (oc, submit(writer, write, oc, res))
             else:
                 finish(oc, None)
         if writing is not None:
