@@ -31,7 +31,8 @@ from quicknat.data.phantom import make_phantom
 from quicknat.io import load_volume, save_volume, stem
 from quicknat.labels import ASEG33
 from quicknat.model import QuickNAT, QuickNATConfig
-from quicknat.segment import EMPTY_SLICE, Segmenter, SpeedPaths, _head_box, write_outputs
+from quicknat.outputs import write_outputs
+from quicknat.segment import EMPTY_SLICE, Segmenter, SpeedPaths, head_box
 from quicknat.views import VIEWS, slice_box, slices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +162,7 @@ def main() -> int:
 
     # the slices the network ran on: whole conformed slices crossing the head's box, non-empty
     conformed = res.conformed_image
-    start, stop = _head_box(conformed)
+    start, stop = head_box(conformed)
     box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
     stacks = {}
     for name in VIEWS:
@@ -235,7 +236,7 @@ def main() -> int:
         print(f"{'MONAI Quicknat (peer)':<28}{peer:>10.2f}{peer / ours:>10.2f}")
 
     if args.cohort > 1:
-        from quicknat.segment import segment_files
+        from quicknat.outputs import segment_files
 
         scans = [scan] * args.cohort
         print(f"\ncohort of {args.cohort} copies of the scan (all outputs written):")

@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(Path(__file__).parent))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS", "2")), os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")

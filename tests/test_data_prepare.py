@@ -146,3 +146,13 @@ def test_prepare_freesurfer_and_labelmaps(tmp_path):
     assert m.dataset == "labelmaps" and all(s.image is None for s in m.scans) and len(m.scans) == 3
     raw = json.loads((tmp_path / "lm" / "manifest.json").read_text())
     assert raw["format"] == "quicknat-manifest"
+    # fixed hold-out and a real labelled scan for validation, through the CLI
+    ip, lp = phantom_files(tmp_path / "real", 7, shape=(32, 32, 32), spacing=(4, 4, 4))
+    assert main(["prepare", "labelmaps", str(tmp_path / "maps"), "-o", str(tmp_path / "lm2"), "--holdout", "ph2_seg",
+                 "--validation-scan", str(ip), str(lp)]) == 0
+    m = load_manifest(tmp_path / "lm2")
+    assert m.split["train"] == ["ph0_seg", "ph1_seg"] and m.split["validation"] == ["ph2_seg", "ph7_t1"]
+    real = [s for s in m.scans if s.image is not None]
+    assert [s.id for s in real] == ["ph7_t1"] and m.resolve(real[0].image) == ip.resolve()
+    assert main(["prepare", "labelmaps", str(tmp_path / "maps"), "-o", str(tmp_path / "lm3"), "--holdout",
+                 "nosuch"]) == 2

@@ -8,7 +8,8 @@ from helpers import TEST_CONFORM, TEST_SCHEME, dice_per_class, phantom_files
 from quicknat.checkpoint import Model, load_model
 from quicknat.data.phantom import make_phantom
 from quicknat.io import load_volume
-from quicknat.segment import Segmenter, segment_files
+from quicknat.outputs import segment_files
+from quicknat.segment import Segmenter
 
 PHANTOM = {"shape": (96, 96, 96), "spacing": (1.5, 1.5, 1.5)}
 

@@ -9,15 +9,16 @@ import pytest
 import torch
 from helpers import TEST_SCHEME, dice_per_class, phantom_files
 
-from quicknat.conform import (
-    _argmax_resample,
-    _axis_aligned,
-    _prob_argmax_resample,
-    _resample,
-    _resample_grid,
-)
 from quicknat.data.phantom import make_phantom, phantom_affine
-from quicknat.segment import Segmenter, SpeedPaths, segment_files
+from quicknat.outputs import segment_files
+from quicknat.resample import (
+    argmax_resample,
+    axis_aligned,
+    prob_argmax_resample,
+    resample,
+    resample_grid,
+)
+from quicknat.segment import Segmenter, SpeedPaths
 
 
 def axis_aligned_matrix(rng, scales) -> np.ndarray:
@@ -47,7 +48,7 @@ def smooth_probs(shape, classes: int, seed: int) -> torch.Tensor:
 
 def reference_argmax(src: torch.Tensor, m: np.ndarray, out_shape) -> np.ndarray:
     """Every channel resampled over the whole output grid by grid_sample, then argmax."""
-    r = _resample_grid(src.float(), m, out_shape, "bilinear")
+    r = resample_grid(src.float(), m, out_shape, "bilinear")
     best, arg = r.max(0)
     arg[best <= 0] = 0
     return arg.numpy()
@@ -66,12 +67,12 @@ def test_separable_resampling_equals_grid_sample(scales):
     src = torch.rand(3, 21, 26, 17)
     for _ in range(3):
         m = axis_aligned_matrix(rng, scales)
-        assert _axis_aligned(m) is not None
+        assert axis_aligned(m) is not None
         out_shape = (23, 19, 30)
-        fast = _resample(src, m, out_shape, "bilinear")
-        ref = _resample_grid(src, m, out_shape, "bilinear")
+        fast = resample(src, m, out_shape, "bilinear")
+        ref = resample_grid(src, m, out_shape, "bilinear")
         assert torch.allclose(fast, ref, atol=1e-5), float((fast - ref).abs().max())
-    assert _axis_aligned(oblique_matrix(1.0, (10, 0, 0))) is None
+    assert axis_aligned(oblique_matrix(1.0, (10, 0, 0))) is None
 
 
 @pytest.mark.parametrize("kind", ["axis_aligned", "oblique"])
@@ -80,8 +81,8 @@ def test_probability_argmax_with_class_selection_equals_reference(kind):
     rng = np.random.default_rng(4)
     m = axis_aligned_matrix(rng, (0.5, 0.5, 0.5)) if kind == "axis_aligned" else oblique_matrix(0.5, (12, -8, 20))
     out_shape = (70, 60, 64)
-    fast = _prob_argmax_resample(probs, m, out_shape)
-    slow = _prob_argmax_resample(probs, m, out_shape, fast=False)
+    fast = prob_argmax_resample(probs, m, out_shape)
+    slow = prob_argmax_resample(probs, m, out_shape, fast=False)
     ref = reference_argmax(probs, m, out_shape)
     assert (ref > 0).mean() > 0.1  # the source covers a real part of the output grid
     assert_agree(fast, ref)
@@ -92,7 +93,7 @@ def test_class_map_resampling_equals_one_hot_reference():
     cls = smooth_probs((30, 34, 28), 7, seed=5).argmax(0).numpy().astype(np.uint8)
     m = oblique_matrix(0.6, (5, 10, -7))
     out_shape = (50, 50, 48)
-    got = _argmax_resample(cls, 7, m, out_shape)
+    got = argmax_resample(cls, 7, m, out_shape)
     onehot = torch.from_numpy(cls).long()[None] == torch.arange(7)[:, None, None, None]
     assert_agree(got, reference_argmax(onehot.float(), m, out_shape))
 

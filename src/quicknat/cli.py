@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ModelNotFoundError, QuicknatError, QuicknatInputError
+from .views import VIEW_NAMES
 
 log = logging.getLogger("quicknat")
 
@@ -69,13 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     q = psub.add_parser("labelmaps", help="a folder of label maps -> manifest.json (synthetic training)")
     q.add_argument("folder", type=Path)
     q.add_argument("-o", "--output", type=Path, default=None, help="folder for manifest.json")
+    q.add_argument("--holdout", nargs="+", default=(), metavar="NAME",
+                   help="label maps (file stems) held out for validation instead of a random split")
+    q.add_argument("--validation-scan", nargs=2, action="append", default=[], metavar=("IMAGE", "LABEL"),
+                   help="a real labelled scan for validation (repeatable); the best epoch is the best on these")
     _split_flags(q)
     q.set_defaults(func=_cmd_prepare_labelmaps)
 
     p = sub.add_parser("train", help="train QuickNAT views on a manifest")
     p.add_argument("manifest", type=Path, help="manifest.json (or its folder)")
     p.add_argument("-o", "--output", type=Path, required=True, help="run folder (becomes a model folder)")
-    p.add_argument("--view", default="all", choices=["all", "coronal", "axial", "sagittal"])
+    p.add_argument("--view", default="all", choices=["all", *VIEW_NAMES])
     p.add_argument("--config", type=Path, default=None, help="YAML config (defaults < file < flags)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -140,7 +145,8 @@ def _cmd_prepare_freesurfer(args: argparse.Namespace) -> int:
 def _cmd_prepare_labelmaps(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_labelmaps
 
-    return _report_manifest(prepare_labelmaps(args.folder, args.output, args.seed, args.resplit))
+    return _report_manifest(prepare_labelmaps(args.folder, args.output, args.seed, args.resplit,
+                                              holdout=args.holdout, validation_scans=args.validation_scan))
 
 
 def _report_manifest(path: Path) -> int:
@@ -164,9 +170,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     )
     out = train(args.manifest, args.output, args.view, cfg, init=args.init, reset_classifier=args.reset_classifier,
                 resume=args.resume, device=args.device, progress=sys.stderr.isatty())
-    from .train import _is_main
+    from .device import is_main
 
-    if _is_main():
+    if is_main():
         print(f"wrote model to {out} (use: quicknat segment SCAN --model {out})")
     return 0
 
@@ -209,7 +215,7 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .segment import segment_files
+    from .outputs import segment_files
 
     outcomes = segment_files(
         args.inputs,

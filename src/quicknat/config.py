@@ -14,6 +14,7 @@ import yaml
 
 from .conform import ConformSettings
 from .data.slices import AugmentConfig
+from .data.synth import SynthConfig
 from .errors import QuicknatInputError
 
 
@@ -51,8 +52,7 @@ class TrainConfig:
     min_foreground: float = 0.002
     num_workers: int = 0
     cache_dir: str | None = None
-    crop: int | None = None  # synthetic training: random in-plane crop (pixels) around the brain
-    synth: dict = field(default_factory=dict)  # synthetic training: SynthConfig overrides
+    synth: SynthConfig = field(default_factory=SynthConfig)  # synthetic training: the generator
     # run
     seed: int = 0
     deterministic: bool = False
@@ -61,6 +61,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conform"] = self.conform.to_dict()
+        d["synth"] = self.synth.to_dict()
         return d
 
     @classmethod
@@ -74,6 +75,8 @@ class TrainConfig:
             base = ConformSettings().to_dict()
             base.update(kw["conform"])
             kw["conform"] = ConformSettings.from_dict(base)
+        if "synth" in kw and (kw["synth"] is None or isinstance(kw["synth"], dict)):
+            kw["synth"] = SynthConfig.from_dict(kw["synth"])
         if "augment" in kw and isinstance(kw["augment"], dict):
             kw["augment"] = AugmentConfig(**kw["augment"])
         return cls(**kw)
@@ -94,8 +97,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig
             data = yaml.safe_load(path.read_text()) or {}
             base = cfg.to_dict()
             for k, v in data.items():
-                if k == "conform" and isinstance(v, dict):
-                    base["conform"] = {**base["conform"], **v}
+                if k in ("conform", "synth") and isinstance(v, dict):
+                    base[k] = {**base[k], **v}
                 else:
                     base[k] = v
             cfg = TrainConfig.from_dict(base)

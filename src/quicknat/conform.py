@@ -24,16 +24,24 @@ conformed space: first axis right->left, second superior->inferior, third poster
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .io import Volume
+from .resample import (
+    argmax_resample,
+    bounding_box,
+    foreground_box,
+    map_array,
+    prob_argmax_resample,
+    resample,
+    signed_permutation,
+    sub_matrix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +110,6 @@ def scale_intensity(array: np.ndarray, window: tuple[float, float]) -> np.ndarra
     return np.clip(out, 0.0, 1.0, out=out)
 
 
-def _signed_permutation(m: np.ndarray, tol: float = 1e-4) -> tuple[np.ndarray, np.ndarray] | None:
-    """If m[:3,:3] is a signed permutation and m[:3,3] integral, return (perm, sign) else None."""
-    rot = m[:3, :3]
-    if not np.allclose(np.abs(rot).sum(axis=0), 1, atol=tol) or not np.allclose(np.abs(rot).max(axis=0), 1, atol=tol):
-        return None
-    perm = np.abs(rot).argmax(axis=0)
-    if len(set(perm.tolist())) != 3:
-        return None
-    sign = np.sign(rot[perm, np.arange(3)])
-    return perm, sign
-
-
 @dataclass
 class ConformPlan:
     """The geometry and intensity window of one scan's conform, and its inverse."""
@@ -150,14 +146,14 @@ class ConformPlan:
     def image(self, array: np.ndarray) -> np.ndarray:
         """Native image -> conformed, intensity-scaled float32 array."""
         scaled = scale_intensity(array, self.window)
-        out = _map(scaled, self.to_native, self.shape, self.exact, mode="bilinear")
+        out = map_array(scaled, self.to_native, self.shape, self.exact, mode="bilinear")
         return np.clip(out, 0.0, 1.0, out=out)
 
     def classes(self, class_map: np.ndarray, num_classes: int) -> np.ndarray:
         """Native class map -> conformed class map (exact, or through one-hot probabilities)."""
         if self.exact:
-            return _map(class_map, self.to_native, self.shape, True).astype(class_map.dtype)
-        return _argmax_resample(class_map, num_classes, self.to_native, self.shape).astype(class_map.dtype)
+            return map_array(class_map, self.to_native, self.shape, True).astype(class_map.dtype)
+        return argmax_resample(class_map, num_classes, self.to_native, self.shape).astype(class_map.dtype)
 
     def onehot(self, class_map: np.ndarray, num_classes: int) -> torch.Tensor:
         """Native class map -> conformed one-hot probabilities (C, X, Y, Z), float32.
@@ -172,15 +168,15 @@ class ConformPlan:
                 continue
             onehot = cm == int(c)
             if self.exact:
-                probs[int(c)] = torch.from_numpy(_map(onehot.numpy(), self.to_native, self.shape, True)).float()
+                probs[int(c)] = torch.from_numpy(map_array(onehot.numpy(), self.to_native, self.shape, True)).float()
                 continue
-            box = _foreground_box(self.to_native, onehot.numpy(), self.shape)
+            box = foreground_box(self.to_native, onehot.numpy(), self.shape)
             if box is None:
                 continue
             start, stop = box
             region = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
             sub = tuple(int(v) for v in stop - start)
-            probs[(int(c), *region)] = _resample(onehot.float(), _sub_matrix(self.to_native, start), sub, "bilinear")
+            probs[(int(c), *region)] = resample(onehot.float(), sub_matrix(self.to_native, start), sub, "bilinear")
         probs[0] = (1.0 - probs[1:].sum(0)).clamp_(0.0, 1.0)
         return probs
 
@@ -188,10 +184,17 @@ class ConformPlan:
     def classes_to_native(self, class_map: np.ndarray, num_classes: int) -> np.ndarray:
         """Conformed class map -> native grid (exact, or through one-hot probabilities)."""
         if self.exact:
-            return _map(class_map, self.from_native, self.native_shape, True).astype(class_map.dtype)
-        return _argmax_resample(class_map, num_classes, self.from_native, self.native_shape).astype(
+            return map_array(class_map, self.from_native, self.native_shape, True).astype(class_map.dtype)
+        return argmax_resample(class_map, num_classes, self.from_native, self.native_shape).astype(
             class_map.dtype
         )
+
+    def scalar_to_native(self, values: np.ndarray | torch.Tensor, fast: bool = True) -> np.ndarray:
+        """A conformed scalar map (X, Y, Z), e.g. uncertainty -> native grid, float32 (linear)."""
+        v = torch.as_tensor(values).float()
+        if self.exact:
+            return map_array(v.numpy(), self.from_native, self.native_shape, True)
+        return resample(v, self.from_native, self.native_shape, "bilinear", separable=fast).numpy()
 
     def probs_to_native(
         self, probs: np.ndarray | torch.Tensor, argmax_only: bool = True, fast: bool = True
@@ -206,13 +209,13 @@ class ConformPlan:
         if self.exact:
             cls = p.argmax(0).to(torch.uint8 if p.shape[0] <= 256 else torch.int16).numpy()
             if argmax_only:
-                return _map(cls, self.from_native, self.native_shape, True)
-            out = _map(p.numpy(), self.from_native, self.native_shape, True)
+                return map_array(cls, self.from_native, self.native_shape, True)
+            out = map_array(p.numpy(), self.from_native, self.native_shape, True)
             out[0][out.sum(0) == 0] = 1.0
             return out
         if argmax_only:
-            return _prob_argmax_resample(p, self.from_native, self.native_shape, fast=fast)
-        out = _resample(p.float(), self.from_native, self.native_shape, "bilinear", separable=fast).numpy()
+            return prob_argmax_resample(p, self.from_native, self.native_shape, fast=fast)
+        out = resample(p.float(), self.from_native, self.native_shape, "bilinear", separable=fast).numpy()
         out[0] += np.clip(1.0 - out.sum(0), 0, 1)
         return out
 
@@ -234,7 +237,7 @@ def plan_conform(volume: Volume, settings: ConformSettings = ConformSettings()) 
     affine[:3, 3] = centre_world - rot @ ((shape - 1) / 2.0)
 
     to_native = np.linalg.inv(native_affine) @ affine
-    sp = _signed_permutation(to_native)
+    sp = signed_permutation(to_native)
     exact = False
     if sp is not None:
         # Snap the conformed grid onto native voxels: shift by < 1 voxel, then exact.
@@ -254,262 +257,9 @@ def conform(volume: Volume, settings: ConformSettings = ConformSettings()) -> tu
     return plan.image(volume.array), plan
 
 
-def bounding_box(mask: np.ndarray, margin: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """(start, stop) voxel indices of a 3D mask's bounding box grown by ``margin`` and clipped
-    to the array (stop exclusive), or None for an empty mask. The one box helper of quicknat."""
-    mask = np.asarray(mask)
-    if not mask.any():
-        return None
-    lo, hi = [], []
-    for axis in range(mask.ndim):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        lo.append(idx[0])
-        hi.append(idx[-1] + 1)
-    start = np.maximum(np.array(lo) - margin, 0)
-    stop = np.minimum(np.array(hi) + margin, np.array(mask.shape))
-    return start, stop
-
-
 def _head_centre(array: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     lo, hi = window
     box = bounding_box(np.asarray(array) > lo + 0.05 * (hi - lo))
     if box is None:
         return (np.array(array.shape) - 1) / 2.0
     return (box[0] + box[1] - 1) / 2.0
-
-
-# -- mapping kernels -------------------------------------------------------------------------
-def _map(array: np.ndarray, m: np.ndarray, out_shape, exact: bool, mode: str = "nearest") -> np.ndarray:
-    """Map the last three axes of ``array`` onto ``out_shape`` through out-voxel -> in-voxel ``m``."""
-    if exact:
-        return _permute_crop(array, m, tuple(out_shape))
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    return _resample(t, m, tuple(out_shape), mode).numpy()
-
-
-def _permute_crop(array: np.ndarray, m: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
-    sp = _signed_permutation(m)
-    assert sp is not None, "exact mapping needs a signed permutation"
-    perm, sign = sp
-    lead = array.ndim - 3
-    arr = np.transpose(array, (*range(lead), *(lead + p for p in perm)))
-    offset = np.round(m[perm, 3]).astype(int)
-    for k in range(3):
-        if sign[k] < 0:
-            arr = np.flip(arr, axis=lead + k)
-            offset[k] = arr.shape[lead + k] - 1 - offset[k]
-    out = np.zeros(array.shape[:lead] + tuple(out_shape), dtype=array.dtype)
-    src, dst = [], []
-    for k in range(3):
-        n_in, n_out, o = arr.shape[lead + k], out_shape[k], offset[k]
-        start_out = max(0, -o)
-        stop_out = min(n_out, n_in - o)
-        if stop_out <= start_out:
-            return out
-        dst.append(slice(start_out, stop_out))
-        src.append(slice(start_out + o, stop_out + o))
-    out[(..., *dst)] = arr[(..., *src)]
-    return out
-
-
-def _grid(m: np.ndarray, in_shape, out_shape, i0: int, i1: int) -> torch.Tensor:
-    """Sampling grid for output rows i0:i1, normalised for align_corners=True."""
-    i = torch.arange(i0, i1, dtype=torch.float64)
-    j = torch.arange(out_shape[1], dtype=torch.float64)
-    k = torch.arange(out_shape[2], dtype=torch.float64)
-    mt = torch.from_numpy(m)
-    coords = []
-    for a in range(3):
-        c = (mt[a, 0] * i)[:, None, None] + (mt[a, 1] * j)[None, :, None] + (mt[a, 2] * k)[None, None, :] + mt[a, 3]
-        coords.append(c * (2.0 / (in_shape[a] - 1)) - 1.0)
-    # grid_sample's last dim is (x=W, y=H, z=D) = (in axis 2, in axis 1, in axis 0)
-    return torch.stack([coords[2], coords[1], coords[0]], dim=-1).to(torch.float32)[None]
-
-
-def _foreground_box(m_out_to_in: np.ndarray, in_mask: np.ndarray, out_shape, margin: int = 2):
-    """Bounding box in the output grid that covers the input's mask (plus margin), or None."""
-    box = bounding_box(in_mask)
-    if box is None:
-        return None
-    lo, hi = _box_through(np.linalg.inv(m_out_to_in), *box)
-    start = np.maximum(np.floor(lo).astype(int) - margin, 0)
-    stop = np.minimum(np.ceil(hi).astype(int) + margin + 1, np.array(out_shape))
-    if np.any(stop <= start):
-        return None
-    return start, stop
-
-
-def _sub_matrix(m: np.ndarray, start: np.ndarray) -> np.ndarray:
-    shift = np.eye(4)
-    shift[:3, 3] = start
-    return m @ shift
-
-
-
-def _box_through(m: np.ndarray, start, stop) -> tuple[np.ndarray, np.ndarray]:
-    """Real-valued (min, max) corners of the box ``start:stop`` (stop exclusive) mapped through ``m``."""
-    lo, hi = np.asarray(start, dtype=float), np.asarray(stop, dtype=float) - 1
-    corners = np.array([[x, y, z, 1.0] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
-    pts = (m @ corners.T).T[:, :3]
-    return pts.min(0), pts.max(0)
-
-
-def _source_box(m: np.ndarray, start, stop, in_shape) -> tuple[np.ndarray, np.ndarray] | None:
-    """The input voxels that trilinear sampling of output box ``start:stop`` can touch, or None."""
-    lo, hi = _box_through(m, start, stop)
-    a = np.maximum(np.floor(lo).astype(int), 0)
-    b = np.minimum(np.floor(hi).astype(int) + 2, np.array(in_shape))
-    return None if np.any(b <= a) else (a, b)
-
-
-def _axis_aligned(m: np.ndarray, tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(perm, scale, offset) when every output axis of out->in matrix ``m`` moves along one input
-    axis (any voxel sizes, flips and shifts, no rotation): input axis ``perm[k]`` is at
-    ``scale[k] * i + offset[k]`` for output index ``i`` on axis ``k``. Else None."""
-    nz = np.abs(m[:3, :3]) > tol
-    if not ((nz.sum(0) == 1).all() and (nz.sum(1) == 1).all()):
-        return None
-    perm = nz.argmax(0)
-    return perm, m[perm, np.arange(3)], m[perm, 3]
-
-
-def _lerp_axis(x: torch.Tensor, dim: int, coords: torch.Tensor) -> torch.Tensor:
-    """Linear interpolation of ``x`` along ``dim`` at float64 source ``coords``; zero outside
-    (each out-of-range tap contributes zero, as grid_sample's zero padding does)."""
-    n = x.shape[dim]
-    f = torch.floor(coords)
-    w = coords - f
-    i0 = f.long()
-    i1 = i0 + 1
-    w0 = ((1.0 - w) * ((i0 >= 0) & (i0 < n))).float()
-    w1 = (w * ((i1 >= 0) & (i1 < n))).float()
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    out = x.index_select(dim, i0.clamp(0, n - 1)).mul_(w0.view(shape))
-    return out.add_(x.index_select(dim, i1.clamp(0, n - 1)).mul_(w1.view(shape)))
-
-
-def _separable(src: torch.Tensor, aa, out_shape, i0: int, i1: int) -> torch.Tensor:
-    """Trilinear resampling of (C, X, Y, Z) ``src`` for output rows ``i0:i1`` when the mapping is
-    axis-aligned: three 1D interpolations, each on the input voxels it needs. Same values as
-    grid_sample (bilinear, zeros, align_corners=True) up to float rounding; several times faster."""
-    perm, scale, offset = aa
-    x = src.permute(0, *(1 + int(p) for p in perm))  # input axes in output order
-    ranges = ((i0, i1), (0, out_shape[1]), (0, out_shape[2]))
-    coords = []
-    for k, (a, b) in enumerate(ranges):  # first cut the input to the voxels each axis needs
-        c = float(scale[k]) * torch.arange(a, b, dtype=torch.float64) + float(offset[k])
-        n = x.shape[1 + k]
-        lo = max(0, int(math.floor(float(c.min()))))
-        hi = min(n, int(math.floor(float(c.max()))) + 2)
-        if hi <= lo:
-            return torch.zeros((src.shape[0], i1 - i0, out_shape[1], out_shape[2]))
-        x = x.narrow(1 + k, lo, hi - lo)
-        coords.append(c - lo)
-    # Innermost axis first, while the data are smallest: gathers along it are the dearest.
-    for k in (2, 1, 0):
-        x = _lerp_axis(x, 1 + k, coords[k])
-    return x
-
-
-def _resample(
-    t: torch.Tensor, m: np.ndarray, out_shape, mode: str, chunk: int = 16, separable: bool = True
-) -> torch.Tensor:
-    """Resample (X,Y,Z) or (C,X,Y,Z) tensor through out->in voxel matrix ``m``; zeros outside.
-
-    Trilinear resampling along axis-aligned mappings (e.g. 2 mm -> 1 mm, any orientation) takes
-    the separable route; rotations and nearest-neighbour go through ``grid_sample``
-    (:func:`_resample_grid`, the reference), ``chunk`` output rows at a time.
-    """
-    squeeze = t.ndim == 3
-    src = (t[None] if squeeze else t).float()  # (C, X, Y, Z)
-    aa = _axis_aligned(m) if mode == "bilinear" and separable else None
-    if aa is None:
-        out = _resample_grid(src, m, out_shape, mode, chunk)
-    else:
-        out = torch.empty((src.shape[0], *out_shape), dtype=torch.float32)
-        for i0 in range(0, out_shape[0], chunk):
-            i1 = min(out_shape[0], i0 + chunk)
-            out[:, i0:i1] = _separable(src, aa, out_shape, i0, i1)
-    return out[0] if squeeze else out
-
-
-def _resample_grid(src: torch.Tensor, m: np.ndarray, out_shape, mode: str, chunk: int = 16) -> torch.Tensor:
-    """(C, X, Y, Z) resampled with ``grid_sample`` (align_corners=True, zeros outside)."""
-    out = torch.empty((src.shape[0], *out_shape), dtype=torch.float32)
-    for i0 in range(0, out_shape[0], chunk):
-        i1 = min(out_shape[0], i0 + chunk)
-        g = _grid(m, src.shape[1:], out_shape, i0, i1)
-        out[:, i0:i1] = F.grid_sample(src[None], g, mode=mode, padding_mode="zeros", align_corners=True)[0]
-    return out
-
-
-def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, separable: bool = True) -> np.ndarray:
-    """Argmax over trilinearly resampled class channels, slab by slab of the output grid.
-
-    ``channels(start, stop)`` returns ``(class ids, (K, ...) float tensor)`` for the input box
-    ``start:stop``: only the classes present there. For each slab of ``chunk`` output rows,
-    only the input box that trilinear sampling touches is read, and only the classes present
-    in it are resampled; output voxels outside the input's footprint are class 0.
-    """
-    shape = tuple(int(s) for s in out_shape)
-    out = torch.zeros(shape, dtype=torch.int16)
-    inv = np.linalg.inv(m)
-    lo, hi = _box_through(inv, np.zeros(3), np.asarray(in_shape))
-    start = np.maximum(np.floor(lo).astype(int) - 1, 0)
-    stop = np.minimum(np.ceil(hi).astype(int) + 2, np.array(shape))
-    if np.any(stop <= start):
-        return out.numpy()
-    for a in range(int(start[0]), int(stop[0]), chunk):
-        s0 = np.array([a, start[1], start[2]])
-        s1 = np.array([min(a + chunk, int(stop[0])), stop[1], stop[2]])
-        box = _source_box(m, s0, s1, in_shape)
-        if box is None:
-            continue
-        ids, src = channels(*box)
-        if len(ids) == 0:
-            continue
-        sub = _sub_matrix(m, s0)  # slab index -> index in the input box
-        sub[:3, 3] -= box[0]
-        r = _resample(src, sub, tuple(int(v) for v in s1 - s0), "bilinear", chunk=chunk, separable=separable)
-        best, arg = r.max(0)
-        cls = torch.as_tensor(ids, dtype=torch.int16)[arg]
-        cls[best <= 0] = 0
-        out[a : s1[0], s0[1] : s1[1], s0[2] : s1[2]] = cls
-    return out.numpy()
-
-
-def _prob_argmax_resample(
-    probs: torch.Tensor, m: np.ndarray, out_shape, threshold: float = 1e-3, fast: bool = True
-) -> np.ndarray:
-    """Argmax of trilinearly resampled class probabilities (C, X, Y, Z) on the output grid.
-
-    Fast route: classes whose probability stays below ``threshold`` in a slab's input box are
-    skipped (when the probabilities sum to one over at most a few hundred classes, such a class
-    cannot be the argmax there), and axis-aligned mappings are resampled separably. Reference
-    route (``fast=False``): every class through ``grid_sample``.
-    """
-    p = probs.float()
-    dtype = np.uint8 if p.shape[0] <= 256 else np.int16
-
-    def channels(a, b):
-        region = p[:, a[0] : b[0], a[1] : b[1], a[2] : b[2]]
-        if not fast:
-            return list(range(p.shape[0])), region
-        ids = (region.amax(dim=(1, 2, 3)) > threshold).nonzero().flatten()
-        return ids.tolist(), region.index_select(0, ids)
-
-    return _slab_argmax(channels, m, p.shape[1:], out_shape, separable=fast).astype(dtype)
-
-
-def _argmax_resample(class_map: np.ndarray, num_classes: int, m: np.ndarray, out_shape) -> np.ndarray:
-    """Resample a class map through one-hot probabilities (the classes present, slab by slab)."""
-    cm = torch.from_numpy(np.ascontiguousarray(class_map)).long()
-    dtype = np.uint8 if num_classes <= 256 else np.int16
-
-    def channels(a, b):
-        region = cm[a[0] : b[0], a[1] : b[1], a[2] : b[2]]
-        ids = torch.unique(region)
-        return ids.tolist(), (region[None] == ids[:, None, None, None]).float()
-
-    return _slab_argmax(channels, m, cm.shape, out_shape).astype(dtype)

@@ -67,12 +67,12 @@ def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto the reference grid (IDs never mixed)."""
     import torch
 
-    from .conform import _resample
+    from .resample import resample
 
     m = np.linalg.inv(pred.affine) @ ref.affine  # ref voxel -> pred voxel
     ids, inv = np.unique(np.rint(pred.array).astype(np.int64), return_inverse=True)
     t = torch.from_numpy(inv.reshape(pred.shape).astype(np.float32))
-    out = _resample(t, m, ref.shape, "nearest").numpy().round().astype(np.int64)
+    out = resample(t, m, ref.shape, "nearest").numpy().round().astype(np.int64)
     return ids[out]
 
 
@@ -162,12 +162,12 @@ def evaluate_model(model, manifest: str | Path, split: str = "test", out: str | 
     An aseg33 model scored on a tissue data set (OASIS FSL_SEG) is merged to tissue first.
     """
     from .data.manifest import load_manifest
-    from .segment import Segmenter, write_outputs
-    from .train import manifest_scheme
+    from .outputs import write_outputs
+    from .segment import Segmenter
 
     m = load_manifest(manifest)
     seg = Segmenter(model, device=device, batch_size=batch_size)
-    data_scheme = manifest_scheme(m)
+    data_scheme = m.label_scheme()
     merge = seg.scheme.name == "aseg33" and data_scheme.name == "tissue"
     if seg.scheme != data_scheme and not merge:
         raise QuicknatInputError(m.path, f"data scheme {data_scheme.name!r} differs from the model's "

@@ -21,8 +21,10 @@ positive RAS x, on the right of the world.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,28 +191,45 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
-def _atomic_target(path: Path) -> tuple[Path, str]:
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one atomic-write mechanism of quicknat: yields a temporary path in ``path``'s folder
+    (same suffix, so writers that go by the suffix work) for the caller to write; on success it
+    takes the umask's mode and is renamed onto ``path``, on any error it is removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
     suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
-    return Path(tmp), suffix
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; outputs follow the umask
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_paths() -> Iterator[Callable[[str | Path], Path]]:
+    """Several files at once, all or nothing: yields ``stage(final) -> temporary path``; every
+    staged file is renamed onto its final name when the block succeeds, none when it fails."""
+    with contextlib.ExitStack() as stack:
+        yield lambda final: stack.enter_context(atomic_path(final))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write bytes to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600 files; outputs follow the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_npy(path: str | Path, array: np.ndarray) -> None:
+    """Save an array as ``.npy`` atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
 
 
 def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
@@ -252,8 +271,8 @@ def save_volume(
     path = Path(path)
     dtype = np.dtype(dtype or array.dtype)
     data = np.asarray(array, dtype=dtype)
-    tmp, suffix = _atomic_target(path)
-    try:
+    suffix = next((s for s in VOLUME_SUFFIXES if path.name.lower().endswith(s)), path.suffix)
+    with atomic_path(path) as tmp:
         if suffix in (".mgz", ".mgh"):
             img = nib.freesurfer.MGHImage(data, affine)
         elif suffix in (".nii", ".nii.gz"):
@@ -272,9 +291,4 @@ def save_volume(
         else:
             raise QuicknatInputError(path, "output must be .nii, .nii.gz, .mgz or .mgh")
         nib.save(img, str(tmp))
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

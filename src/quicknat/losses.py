@@ -28,14 +28,15 @@ class QuickNATLoss(nn.Module):
         num_classes = logits.shape[1]
         logp = F.log_softmax(logits, dim=1)
         probs = logp.exp()
-        onehot = F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
+        soft = target.dim() == 4
+        onehot = target.to(probs.dtype) if soft else F.one_hot(target, num_classes).permute(0, 3, 1, 2).to(probs.dtype)
         dims = (0, 2, 3)
         inter = (probs * onehot).sum(dims)
         denom = probs.sum(dims) + onehot.sum(dims)
-        present = onehot.sum(dims) > 0
+        present = onehot.sum(dims) >= 0.5
         dice = (2 * inter + self.smooth) / (denom + self.smooth)
         dice_loss = 1.0 - dice[present].mean()
-        nll = F.nll_loss(logp, target, reduction="none")
+        nll = -(onehot * logp).sum(1) if soft else F.nll_loss(logp, target, reduction="none")
         ce = (nll * weight).mean() if weight is not None else nll.mean()
         total = self.dice_weight * dice_loss + self.ce_weight * ce
         return total, {"dice": dice_loss.detach(), "ce": ce.detach()}

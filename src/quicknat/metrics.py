@@ -43,6 +43,18 @@ def _check_label_maps(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np
     return np.rint(pred).astype(np.int64), np.rint(ref).astype(np.int64)
 
 
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of every class index (0..num_classes-1) of two class maps; NaN where a class is
+    absent from both."""
+    p = np.asarray(pred).reshape(-1).astype(np.int64)
+    r = np.asarray(ref).reshape(-1).astype(np.int64)
+    inter = np.bincount(p[p == r], minlength=num_classes).astype(np.float64)
+    sp = np.bincount(p, minlength=num_classes).astype(np.float64)
+    sr = np.bincount(r, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(sp + sr > 0, 2 * inter / (sp + sr), np.nan)
+
+
 def dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
     """Dice of one label between two label maps; NaN when absent from both."""
     p, r = _check_label_maps(pred, ref)
@@ -76,7 +88,7 @@ def dice_onehot(y_pred: torch.Tensor, y: torch.Tensor, include_background: bool 
 
 
 def _box(mask: np.ndarray, margin: int = 2):
-    from .conform import bounding_box
+    from .resample import bounding_box
 
     start, stop = bounding_box(mask, margin)
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))

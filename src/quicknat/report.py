@@ -16,21 +16,18 @@ import numpy as np
 from .conform import ConformSettings, plan_conform
 from .io import Volume, atomic_write_bytes, same_grid
 from .labels import ASEG33, LabelScheme
+from .views import VIEWS
 
 log = logging.getLogger(__name__)
 
 
 def _panels(image: np.ndarray, classes: np.ndarray | None, centre: tuple[int, int, int]):
-    i, j, k = centre
     out = []
-    for name, sl in (("coronal", np.s_[:, :, k]), ("axial", np.s_[:, j, :]), ("sagittal", np.s_[i, :, :])):
-        img = image[sl]
-        cls = None if classes is None else classes[sl]
-        if name == "coronal":
-            img, cls = img.T, (None if cls is None else cls.T)
-        elif name == "axial":
-            img, cls = np.flipud(img.T), (None if cls is None else np.flipud(cls.T))
-        out.append((name, img, cls))
+    for spec in VIEWS.values():
+        k = centre[spec.axis]
+        img = spec.display(spec.slice_of(image, k))
+        cls = None if classes is None else spec.display(spec.slice_of(classes, k))
+        out.append((spec, img, cls))
     return out
 
 
@@ -70,16 +67,16 @@ def render_overlay(
     centre = _centre(image, classes)
     fig = Figure(figsize=(15, 5.6), facecolor="black")
     axes = fig.subplots(1, 3)
-    for ax, (name, img, cls) in zip(axes, _panels(image, classes, centre)):
+    for ax, (spec, img, cls) in zip(axes, _panels(image, classes, centre)):
         ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(np.percentile(image, 99.5)), 1e-6), interpolation="nearest")
         if cls is not None:
             rgba = np.zeros((*cls.shape, 4), dtype=np.float32)
             rgba[..., :3] = colors[cls] / 255.0
             rgba[..., 3] = np.where(cls > 0, 0.45, 0.0)
             ax.imshow(rgba, interpolation="nearest")
-        ax.set_title(name, color="white")
+        ax.set_title(spec.name, color="white")
         ax.axis("off")
-        if name != "sagittal":
+        if spec.lateral_in_plane:
             ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12)
             ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12)
     if classes is not None:
@@ -177,6 +174,8 @@ def curves_png(history: list[dict], view: str) -> bytes:
         vals = [h.get(k) for h in history]
         ax[1].plot(ep, [np.nan if v is None else v for v in vals], lw=0.7, alpha=0.7)
     ax[1].plot(ep, [h["val_dice_mean"] for h in history], "k-", lw=2, label="mean (foreground)")
+    if any("val_real_dice_mean" in h for h in history):
+        ax[1].plot(ep, [h.get("val_real_dice_mean", np.nan) for h in history], "r--", lw=2, label="real scans (mean)")
     ax[1].set_ylim(0, 1)
     ax[1].set_title(f"{view}: validation Dice per class (3D)")
     ax[1].legend()

@@ -9,11 +9,19 @@ Run folder (``RUNDIR``)::
     VIEW/history.csv VIEW/history.json           per epoch: losses, lr, validation Dice per class
     VIEW/curves.png  VIEW/tensorboard/           curves; TensorBoard scalars when installed
 
-Each epoch trains over the view's training slices, then validates on the validation scans with
-3D Dice per class on whole volumes (the view's network run over every slice), and checkpoints
-``last`` atomically. ``best`` is kept by the mean validation Dice over foreground classes.
-``resume`` continues from ``last`` exactly: model, optimiser, scheduler, scaler and every RNG
-state are restored, and each epoch's shuffling and augmentation are seeded by (seed, epoch).
+The engine in parts: :func:`_setup` (data, network, optimiser), :func:`_resume` (state from
+``last``), :func:`_train_epoch`, :func:`_validate` and :func:`_checkpoint`. Training data comes
+from :mod:`quicknat.data` through one explicit switch: a manifest whose training scans have no
+image trains on images synthesised from its label maps
+(:func:`quicknat.data.synth.synthetic_training_data`), otherwise on the scans themselves
+(:func:`quicknat.data.slices.real_training_data`).
+
+Each epoch trains over the view's training slices, then validates with 3D Dice per class on
+whole volumes (the view's network run over every slice) and checkpoints ``last`` atomically.
+``best`` is kept by the mean validation Dice over foreground classes of the last validation set:
+for synthetic training with real labelled scans in the validation split, those real scans.
+``resume`` continues from ``last`` exactly: model, optimiser, scheduler and every RNG state are
+restored, and each epoch's shuffling and augmentation are seeded by (seed, epoch).
 
 Under ``torchrun --nproc-per-node N`` the same call trains with DistributedDataParallel (gloo
 on CPU, NCCL on GPU) and a DistributedSampler; only rank 0 validates and writes.
@@ -26,92 +34,44 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from . import __version__
-from .checkpoint import ViewCheckpoint, load_checkpoint, make_checkpoint, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_model
 from .config import TrainConfig
 from .data.manifest import Manifest, load_manifest
-from .data.slices import SliceDataset, VolumeCache, median_frequency_weights, volume_slices
+from .data.slices import TrainingData, ValidationVolumes, real_training_data, volume_slices
+from .data.synth_data import synthetic_training_data
+from .device import barrier, dist_setup, is_main, resolve_device, sync_buffers
 from .errors import QuicknatInputError
 from .io import atomic_write_bytes, atomic_write_text, csv_text
-from .labels import LabelScheme, get_scheme
+from .labels import LabelScheme
 from .losses import QuickNATLoss
+from .metrics import dice_per_class
 from .model import QuickNAT, QuickNATConfig
-from .segment import resolve_device
-from .views import VIEW_NAMES, VIEWS, get_view
+from .views import VIEW_NAMES, get_view
 
 log = logging.getLogger(__name__)
 
 
-# -- distributed helpers -------------------------------------------------------------------
-def _dist_setup(device: torch.device) -> tuple[int, int]:
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def manifest_scheme(manifest: Manifest) -> LabelScheme:
-    s = manifest.scheme
-    if isinstance(s, dict):
-        return LabelScheme.from_dict(s)
-    path = Path(str(s))
-    if not path.is_absolute() and (manifest.root / path).exists():
-        return get_scheme(manifest.root / path)
-    return get_scheme(str(s))
-
-
-def _scan_paths(manifest: Manifest, split: str):
-    out = []
-    for scan in manifest.scans_in(split):
-        if scan.label is None:
-            raise QuicknatInputError(manifest.path, f"scan {scan.id} has no label")
-        out.append((scan, manifest.resolve(scan.image), manifest.resolve(scan.label)))
-    return out
-
-
 # -- validation ----------------------------------------------------------------------------
-def dice_3d(pred: np.ndarray, ref: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice per class on whole volumes; NaN where a class is absent from both."""
-    p = pred.reshape(-1).astype(np.int64)
-    r = ref.reshape(-1).astype(np.int64)
-    inter = np.bincount(p[p == r], minlength=num_classes).astype(np.float64)
-    sp = np.bincount(p, minlength=num_classes).astype(np.float64)
-    sr = np.bincount(r, minlength=num_classes).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(sp + sr > 0, 2 * inter / (sp + sr), np.nan)
-
-
 @torch.inference_mode()
-def validate_view(net: torch.nn.Module, cache: VolumeCache, view: str, device: torch.device,
+def validate_view(net: torch.nn.Module, volumes: ValidationVolumes, view: str, device: torch.device,
                   batch_size: int = 16, amp: bool = False) -> np.ndarray:
     """Mean over validation volumes of 3D Dice per class (the view's scheme)."""
     spec = get_view(view)
-    merge = cache.scheme.lr_merge_index() if spec.merge_lr else np.arange(cache.scheme.num_classes)
-    num_classes = spec.scheme(cache.scheme).num_classes
+    merge = spec.merge_index(volumes.scheme)
+    num_classes = spec.scheme(volumes.scheme).num_classes
     net.eval()
     scores = []
-    for image, classes in zip(cache.images, cache.classes):
+    for image, classes in zip(volumes.images, volumes.classes):
         stack = torch.from_numpy(volume_slices(image, view))
         pred = torch.zeros(stack.shape, dtype=torch.uint8)
         for i in range(0, len(stack), batch_size):
@@ -119,24 +79,20 @@ def validate_view(net: torch.nn.Module, cache: VolumeCache, view: str, device: t
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 pred[i : i + batch_size] = net(x).argmax(1).to(torch.uint8).cpu()
         ref = np.moveaxis(merge[np.asarray(classes)], spec.axis, 0)
-        scores.append(dice_3d(pred.numpy(), ref, num_classes))
+        scores.append(dice_per_class(pred.numpy(), ref, num_classes))
     with np.errstate(invalid="ignore"):
         return np.nanmean(np.stack(scores), axis=0) if scores else np.full(num_classes, np.nan)
 
 
-# -- one view ------------------------------------------------------------------------------
+# -- RNG state -------------------------------------------------------------------------------
 def _rng_state() -> dict[str, Any]:
+    s = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "numpy": json.dumps(_np_state()),
+        "numpy": json.dumps([s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]),
         "python": json.dumps(random.getstate()),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-
-
-def _np_state():
-    s = np.random.get_state()
-    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -149,9 +105,52 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _build_net(cfg: TrainConfig, num_classes: int) -> QuickNAT:
-    return QuickNAT(QuickNATConfig(num_classes=num_classes, num_filters=cfg.num_filters,
-                                   kernel_size=cfg.kernel_size, se=cfg.se, dropout=cfg.dropout))
+# -- the parts -------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """Everything one view's training holds."""
+
+    view: str
+    cfg: TrainConfig
+    scheme: LabelScheme
+    data: TrainingData
+    net: QuickNAT
+    model: torch.nn.Module  # the network, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    sched: Any
+    dev: torch.device
+    rank: int
+    world: int
+    rundir: Path
+    provenance: dict[str, Any]
+    epoch: int = 0  # epochs completed
+    best: float = -1.0
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0  # steps taken in this call
+
+    @property
+    def vdir(self) -> Path:
+        return self.rundir / self.view
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.amp and self.dev.type == "cuda"
+
+    @property
+    def channels_last(self) -> bool:
+        return self.cfg.channels_last and self.dev.type == "cuda"
+
+
+def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingData:
+    """The explicit switch: synthetic images when no training scan has one, else the scans."""
+    scheme = manifest.label_scheme()
+    common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, edge_weight=cfg.edge_weight, seed=cfg.seed)
+    if all(s.image is None for s in manifest.scans_in("train")):
+        return synthetic_training_data(manifest, scheme, view, synth=cfg.synth,
+                                       length=(cfg.steps_per_epoch or 500) * cfg.batch_size,
+                                       cache_dir=cfg.cache_dir, **common)
+    return real_training_data(manifest, scheme, view, cache_dir=cfg.cache_dir, min_foreground=cfg.min_foreground,
+                              augment=cfg.augment, **common)
 
 
 def _load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, reset_classifier: bool) -> None:
@@ -178,10 +177,168 @@ def _load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, 
     net.load_state_dict(state, strict=True)
 
 
-def _plot_curves(history: list[dict], path: Path, view: str) -> None:
-    from .report import curves_png
+def _setup(view: str, manifest: Manifest, rundir: Path, cfg: TrainConfig, device, init, reset_classifier: bool,
+           resume: bool) -> _Run:
+    """Device and process group, seeds, data, network (from ``init``), optimiser, schedule."""
+    spec = get_view(view)
+    dev = resolve_device(device)
+    rank, world = dist_setup(dev)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
 
-    atomic_write_bytes(path, curves_png(history, view))
+    scheme = manifest.label_scheme()
+    data = training_data(manifest, view, cfg)
+    if len(data.dataset) == 0:
+        raise QuicknatInputError(manifest.path, f"no {view} training slices with enough foreground")
+    net = QuickNAT(QuickNATConfig(num_classes=spec.scheme(scheme).num_classes, num_filters=cfg.num_filters,
+                                  kernel_size=cfg.kernel_size, se=cfg.se, dropout=cfg.dropout))
+    if init is not None and not resume:
+        _load_init(net, init, view, scheme, reset_classifier)
+    net = net.to(dev)
+    if dev.type == "cuda" and cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model: torch.nn.Module = net
+    if world > 1:
+        if dev.type == "cuda":  # batch statistics over all ranks (SyncBatchNorm runs on GPUs only)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    provenance = {
+        "data": {"manifest": str(manifest.path), "dataset": manifest.dataset, **data.facts,
+                 **({"source": manifest.source} if manifest.source else {})},
+        "config": cfg.to_dict(),
+        "quicknat_version": __version__,
+        "world_size": world,
+    }
+    return _Run(view, cfg, scheme, data, net, model, opt, sched, dev, rank, world, rundir, provenance)
+
+
+def _resume(run: _Run) -> None:
+    """Restore network, optimiser, schedule, history and RNG from ``VIEW/last.pt``."""
+    last = run.vdir / "last.pt"
+    if not last.exists():
+        raise QuicknatInputError(last, "nothing to resume (no last checkpoint)")
+    ck = load_checkpoint(last)
+    st = ck.training_state or {}
+    if "optimizer" not in st:
+        raise QuicknatInputError(last, "holds no training state to resume from")
+    run.net.load_state_dict(ck.state_dict, strict=True)
+    run.opt.load_state_dict(st["optimizer"])
+    run.sched.load_state_dict(st["scheduler"])
+    run.epoch, run.best = int(st["epoch"]) + 1, float(st["best"])
+    run.history = json.loads(st["history"])
+    _set_rng_state(st["rng"])
+    log.info("%s: resuming after %d completed epoch(s)", run.view, run.epoch)
+
+
+def _loader(run: _Run, epoch: int) -> DataLoader:
+    cfg, data = run.cfg, run.data.dataset
+    data.set_epoch(epoch)
+    if run.world > 1:
+        sampler = DistributedSampler(data, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    else:
+        n = None if cfg.steps_per_epoch is None else cfg.steps_per_epoch * cfg.batch_size
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        sampler = RandomSampler(data, replacement=n is not None and n > len(data), num_samples=n, generator=gen)
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                      pin_memory=run.dev.type == "cuda", drop_last=len(data) >= cfg.batch_size)
+
+
+def _train_epoch(run: _Run, epoch: int, loss_fn: QuickNATLoss, progress: bool,
+                 stop_after_steps: int | None) -> dict[str, float]:
+    """One epoch of training; returns the mean losses. Soft targets are used when the data
+    gives them (synthetic training), class indices otherwise."""
+    from tqdm.auto import tqdm
+
+    cfg = run.cfg
+    run.model.train()
+    sums = {"loss": 0.0, "dice": 0.0, "ce": 0.0}
+    nb = 0
+    bar = tqdm(_loader(run, epoch), desc=f"{run.view} epoch {epoch + 1}/{cfg.epochs}",
+               disable=not (progress and is_main()))
+    for step, batch in enumerate(bar):
+        if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
+            break
+        x = batch["image"].to(run.dev, non_blocking=True)
+        y = batch["target" if "target" in batch else "label"].to(run.dev, non_blocking=True)
+        w = batch["weight"].to(run.dev, non_blocking=True)
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.dev.type, dtype=torch.bfloat16, enabled=run.use_amp):
+            logits = run.model(x)
+        loss, parts = loss_fn(logits, y, w)  # bf16 autocast needs no gradient scaling
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(run.net.parameters(), cfg.grad_clip)
+        run.opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{run.view}: loss became {value} at epoch {epoch + 1}")
+        sums["loss"] += value
+        sums["dice"] += float(parts["dice"])
+        sums["ce"] += float(parts["ce"])
+        nb += 1
+        bar.set_postfix(loss=f"{sums['loss'] / nb:.3f}")
+        run.steps += 1
+        if stop_after_steps is not None and run.steps >= stop_after_steps:
+            raise KeyboardInterrupt
+    return {k: v / max(nb, 1) for k, v in sums.items()}
+
+
+def _validate(run: _Run) -> tuple[float, dict[str, Any], dict[str, float | None]]:
+    """Dice per class on every validation set; returns the selection score (the last set's mean
+    over its scored foreground classes), the record's validation fields and the last set's
+    Dice per class."""
+    names = get_view(run.view).scheme(run.scheme).names
+    rec: dict[str, Any] = {}
+    score, per_class = 0.0, {}
+    for vs in run.data.validation:
+        scores = validate_view(run.net, vs.volumes, run.view, run.dev, run.cfg.val_batch_size, run.use_amp)
+        scored = [k for k, n in enumerate(names) if k > 0 and n not in vs.unscored]
+        score = float(np.nanmean(scores[scored])) if np.isfinite(scores[scored]).any() else 0.0
+        key = "val_dice" if vs.name == "validation" else f"val_{vs.name}_dice"
+        per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, scores)}
+        rec[f"{key}_mean"] = score
+        rec.update({f"{key}/{n}": v for n, v in per_class.items()})
+    return score, rec, per_class
+
+
+def _checkpoint(run: _Run, score: float, per_class: dict[str, float | None]) -> bool:
+    """Write ``last`` (with the full training state), and ``best`` when ``score`` improved."""
+    improved = score > run.best
+    run.best = max(run.best, score)
+    prov = {**run.provenance, "epochs": run.epoch, "best_val_dice": run.best, "val_dice_per_class": per_class}
+    ck = make_checkpoint(run.net, run.view, run.scheme, run.cfg.conform, prov)
+    if improved:
+        save_checkpoint(ck, run.vdir / "best.pt")
+        save_checkpoint(ck, run.rundir / f"{run.view}.pt")
+    ck.training_state = {
+        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "epoch": run.epoch - 1,
+        "best": run.best, "history": json.dumps(run.history), "rng": _rng_state(),
+    }
+    save_checkpoint(ck, run.vdir / "last.pt")
+    _write_history(run.history, run.vdir)
+    return improved
+
+
+def _tensorboard(run: _Run):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run.vdir / "tensorboard"))
 
 
 def train_view(
@@ -204,244 +361,69 @@ def train_view(
     within this call; used to test resume. ``on_end(net)`` is called on every rank with the
     trained network (e.g. to check that DDP replicas agree).
     """
-    from tqdm.auto import tqdm
-
-    spec = get_view(view)
-    rundir = Path(rundir)
-    vdir = rundir / view
-    dev = resolve_device(device)
-    rank, world = _dist_setup(dev)
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(cfg.seed + rank)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    scheme = manifest_scheme(manifest)
-    vscheme = spec.scheme(scheme)
-    merge = scheme.lr_merge_index() if spec.merge_lr else np.arange(scheme.num_classes)
-    synthetic = all(s.image is None for s in manifest.scans_in("train"))
-    if synthetic:
-        data, val_cache, n_train = _synthetic_data(manifest, scheme, view, cfg, merge, vscheme.num_classes)
-    else:
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else None
-        train_cache = VolumeCache(_scan_paths(manifest, "train"), scheme, cfg.conform, cache_dir)
-        val_cache = VolumeCache(_scan_paths(manifest, "validation"), scheme, cfg.conform, cache_dir)
-        if train_cache.unknown and _is_main():
-            log.warning("label IDs not in scheme %s (set to background): %s", scheme.name,
-                        dict(sorted(train_cache.unknown.items())[:10]))
-        counts = np.bincount(merge, weights=train_cache.class_counts(), minlength=vscheme.num_classes)
-        class_weights = median_frequency_weights(counts, cfg.weight_cap)
-        data = SliceDataset(train_cache, view, class_weights, cfg.edge_weight, cfg.min_foreground, cfg.augment,
-                            cfg.seed)
-        n_train = len(train_cache.ids)
-    if len(data) == 0:
-        raise QuicknatInputError(manifest.path, f"no {view} training slices with enough foreground")
-
-    net = _build_net(cfg, vscheme.num_classes)
-    if init is not None and not resume:
-        _load_init(net, init, view, scheme, reset_classifier)
-    net = net.to(dev)
-    if dev.type == "cuda" and cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model: torch.nn.Module = net
-    if world > 1:
-        if dev.type == "cuda":  # batch statistics over all ranks (SyncBatchNorm runs on GPUs only)
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "adam":
-        opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    use_amp = cfg.amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler(dev.type, enabled=False)  # bf16 autocast needs no scaling
-    loss_fn = QuickNATLoss(cfg.dice_weight, cfg.ce_weight)
-
-    start_epoch, best, history = 0, -1.0, []
-    last_path = vdir / "last.pt"
+    run = _setup(view, manifest, Path(rundir), cfg, device, init, reset_classifier, resume)
     if resume:
-        if not last_path.exists():
-            raise QuicknatInputError(last_path, "nothing to resume (no last checkpoint)")
-        ck = load_checkpoint(last_path)
-        net.load_state_dict(ck.state_dict, strict=True)
-        st = ck.training_state or {}
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        scaler.load_state_dict(st["scaler"])
-        start_epoch, best = int(st["epoch"]) + 1, float(st["best"])
-        history = json.loads(st["history"])
-        _set_rng_state(st["rng"])
-        log.info("%s: resuming after epoch %d", view, start_epoch - 1)
-
-    if _is_main():
-        vdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(rundir / "config.yaml", cfg.to_yaml())
-        atomic_write_text(rundir / "split.json", json.dumps(manifest.split, indent=1) + "\n")
+        _resume(run)
     writer = None
-    if _is_main():
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(vdir / "tensorboard"))
-        except ImportError:
-            writer = None
-
-    provenance_base = {
-        "data": {"manifest": str(manifest.path), "dataset": manifest.dataset,
-                 "train_scans": n_train, "validation_scans": len(val_cache.ids), "synthetic": synthetic,
-                 **({"source": manifest.source} if manifest.source else {})},
-        "config": cfg.to_dict(),
-        "quicknat_version": __version__,
-        "world_size": world,
-    }
-    steps_done = 0
+    if is_main():
+        run.vdir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run.rundir / "config.yaml", cfg.to_yaml())
+        atomic_write_text(run.rundir / "split.json", json.dumps(manifest.split, indent=1) + "\n")
+        writer = _tensorboard(run)
+    loss_fn = QuickNATLoss(cfg.dice_weight, cfg.ce_weight)
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(run.epoch, cfg.epochs):
             t0 = time.perf_counter()
-            data.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            if world > 1:
-                sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-                sampler.set_epoch(epoch)
-            else:
-                n = None if cfg.steps_per_epoch is None else cfg.steps_per_epoch * cfg.batch_size
-                sampler = RandomSampler(data, replacement=n is not None and n > len(data), num_samples=n,
-                                        generator=gen)
-            loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                                pin_memory=dev.type == "cuda", drop_last=len(data) >= cfg.batch_size,
-                                persistent_workers=False)
-            model.train()
-            sums = {"loss": 0.0, "dice": 0.0, "ce": 0.0}
-            nb = 0
-            bar = tqdm(loader, desc=f"{view} epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and _is_main()))
-            for step, batch in enumerate(bar):
-                if cfg.steps_per_epoch is not None and step >= cfg.steps_per_epoch:
-                    break
-                x = batch["image"].to(dev, non_blocking=True)
-                y = batch["label"].to(dev, non_blocking=True)
-                w = batch["weight"].to(dev, non_blocking=True)
-                if dev.type == "cuda" and cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = model(x)
-                loss, parts = loss_fn(logits, y, w)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-                scaler.step(opt)
-                scaler.update()
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"{view}: loss became {loss_value} at epoch {epoch + 1}")
-                sums["loss"] += loss_value
-                sums["dice"] += float(parts["dice"])
-                sums["ce"] += float(parts["ce"])
-                nb += 1
-                bar.set_postfix(loss=f"{sums['loss'] / nb:.3f}")
-                steps_done += 1
-                if stop_after_steps is not None and steps_done >= stop_after_steps:
-                    raise KeyboardInterrupt
-            lr = opt.param_groups[0]["lr"]
-            sched.step()  # per epoch, not per batch
-            _sync_buffers(net)
-            if _is_main():
-                scores = validate_view(net, val_cache, view, dev, cfg.val_batch_size, use_amp)
-                fg = scores[1:]
-                mean = float(np.nanmean(fg)) if np.isfinite(fg).any() else 0.0
-                rec = {
-                    "epoch": epoch + 1, "lr": lr, "train_loss": sums["loss"] / max(nb, 1),
-                    "train_dice_loss": sums["dice"] / max(nb, 1), "train_ce": sums["ce"] / max(nb, 1),
-                    "val_dice_mean": mean, "seconds": round(time.perf_counter() - t0, 2),
-                }
-                per_class = {n: (None if np.isnan(v) else float(v)) for n, v in zip(vscheme.names, scores)}
-                rec.update({f"val_dice/{n}": v for n, v in per_class.items()})
-                history.append(rec)
+            losses = _train_epoch(run, epoch, loss_fn, progress, stop_after_steps)
+            lr = run.opt.param_groups[0]["lr"]
+            run.sched.step()  # per epoch, not per batch
+            sync_buffers(run.net)
+            run.epoch = epoch + 1
+            if is_main():
+                score, fields, per_class = _validate(run)
+                rec = {"epoch": run.epoch, "lr": lr, "train_loss": losses["loss"],
+                       "train_dice_loss": losses["dice"], "train_ce": losses["ce"], **fields,
+                       "seconds": round(time.perf_counter() - t0, 2)}
+                run.history.append(rec)
                 if writer is not None:
-                    for k in ("train_loss", "train_dice_loss", "train_ce", "val_dice_mean", "lr"):
-                        writer.add_scalar(f"{view}/{k}", rec[k], epoch + 1)
+                    for k in [k for k in rec if k != "epoch" and "/" not in k and isinstance(rec[k], float)]:
+                        writer.add_scalar(f"{view}/{k}", rec[k], run.epoch)
                     writer.flush()
-                improved = mean > best
-                best = max(best, mean)
-                prov = {**provenance_base, "epochs": epoch + 1, "best_val_dice": best,
-                        "val_dice_per_class": per_class}
-                ck = make_checkpoint(net, view, scheme, cfg.conform, prov)
-                if improved:
-                    save_checkpoint(ck, vdir / "best.pt")
-                    save_checkpoint(ck, rundir / f"{view}.pt")
-                ck.training_state = {
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": epoch, "best": best, "history": json.dumps(history), "rng": _rng_state(),
-                }
-                save_checkpoint(ck, last_path)
-                _write_history(history, vdir)
-                log.info("%s epoch %d: loss %.4f, validation Dice %.4f%s", view, epoch + 1, rec["train_loss"], mean,
-                         " (best)" if improved else "")
-            _barrier()
+                improved = _checkpoint(run, score, per_class)
+                log.info("%s epoch %d: loss %.4f, validation Dice %.4f%s", view, run.epoch, rec["train_loss"],
+                         score, " (best)" if improved else "")
+            barrier()
     except KeyboardInterrupt:
-        log.warning("%s: interrupted; %s holds the last completed epoch", view, last_path)
+        log.warning("%s: interrupted; %s holds the last completed epoch", view, run.vdir / "last.pt")
         raise
     finally:
         if writer is not None:
             writer.close()
-    if _is_main() and history:
-        _plot_curves(history, vdir / "curves.png", view)
+    if is_main() and run.history:
+        _plot_curves(run.history, run.vdir / "curves.png", view)
     if on_end is not None:
-        on_end(net)
-    return rundir / f"{view}.pt"
+        on_end(run.net)
+    return run.rundir / f"{view}.pt"
 
 
-def _synthetic_data(manifest: Manifest, scheme: LabelScheme, view: str, cfg: TrainConfig, merge, num_classes):
-    """Training slices generated from the training label maps; validation volumes synthesised
-    from the validation maps with fixed seeds (the same every epoch and run)."""
-    from .data.synth import LabelMapSynth, SynthConfig, SynthSliceDataset, SynthVolumes
-    from .io import load_volume
+def _plot_curves(history: list[dict], path: Path, view: str) -> None:
+    from .report import curves_png
 
-    def maps(split):
-        out = []
-        for _scan, _, label in _scan_paths(manifest, split):
-            v = load_volume(label)
-            out.append((v.array, v.affine))
-        return out
-
-    train_maps = maps("train")
-    counts = np.zeros(scheme.num_classes)
-    for arr, _ in train_maps:
-        cls, _ = scheme.encode(arr)
-        counts += np.bincount(cls.reshape(-1), minlength=scheme.num_classes)
-    class_weights = median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cfg.weight_cap)
-    synth = LabelMapSynth(train_maps, scheme, cfg.conform, SynthConfig(**cfg.synth))
-    length = (cfg.steps_per_epoch or 500) * cfg.batch_size
-    data = SynthSliceDataset(synth, view, class_weights, cfg.edge_weight, length, cfg.seed, cfg.crop)
-    val_scans = manifest.scans_in("validation")
-    val_synth = LabelMapSynth(maps("validation"), scheme, cfg.conform)
-    val = SynthVolumes(val_synth, [s.id for s in val_scans], [10_000 + k for k in range(len(val_scans))])
-    return data, val, len(train_maps)
-
-
-def _sync_buffers(net: torch.nn.Module) -> None:
-    """Make every rank's batch-norm running statistics rank 0's.
-
-    DDP broadcasts buffers *before* each forward pass, so after the last step of an epoch each
-    rank holds statistics updated by its own batch; this aligns them, so all replicas are equal.
-    """
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for b in net.buffers():
-            dist.broadcast(b.data, src=0)
+    atomic_write_bytes(path, curves_png(history, view))
 
 
 def _write_history(history: list[dict], vdir: Path) -> None:
     atomic_write_text(vdir / "history.json", json.dumps(history, indent=1) + "\n")
     keys = list(dict.fromkeys(k for h in history for k in h))
     atomic_write_text(vdir / "history.csv", csv_text(history, keys))
+
+
+def _finished(rundir: Path, view: str, epochs: int) -> bool:
+    last = rundir / view / "last.pt"
+    if not last.exists() or not (rundir / f"{view}.pt").exists():
+        return False
+    st = load_checkpoint(last).training_state or {}
+    return int(st.get("epoch", -1)) + 1 >= epochs
 
 
 def train(
@@ -461,51 +443,22 @@ def train(
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     views = list(VIEW_NAMES) if view == "all" else [get_view(view).name]
     rundir = Path(rundir)
-    done: dict[str, Path] = {}
     for v in views:
-        if resume and (rundir / v / "last.pt").exists():
-            st = (load_checkpoint(rundir / v / "last.pt").training_state or {})
-            if int(st.get("epoch", -1)) + 1 >= cfg.epochs and (rundir / f"{v}.pt").exists():
-                done[v] = rundir / f"{v}.pt"
-                continue
-            done[v] = train_view(v, m, rundir, cfg, init=init, reset_classifier=reset_classifier, resume=True,
-                                 device=device, progress=progress)
-        else:
-            done[v] = train_view(v, m, rundir, cfg, init=init, reset_classifier=reset_classifier, device=device,
-                                 progress=progress)
-    if _is_main():
-        existing = {v: rundir / f"{v}.pt" for v in VIEWS if (rundir / f"{v}.pt").exists()}
-        save_model(rundir, existing)
+        if resume and _finished(rundir, v, cfg.epochs):
+            continue
+        train_view(v, m, rundir, cfg, init=init, reset_classifier=reset_classifier,
+                   resume=resume and (rundir / v / "last.pt").exists(), device=device, progress=progress)
+    if is_main():
+        save_model(rundir, {v: rundir / f"{v}.pt" for v in VIEW_NAMES if (rundir / f"{v}.pt").exists()})
     return rundir
 
 
 def plot_history(rundir: str | Path) -> list[Path]:
     """Redraw the curves of every view of a run (on demand)."""
     out = []
-    for v in VIEWS:
+    for v in VIEW_NAMES:
         hp = Path(rundir) / v / "history.json"
         if hp.exists():
             _plot_curves(json.loads(hp.read_text()), Path(rundir) / v / "curves.png", v)
             out.append(Path(rundir) / v / "curves.png")
-    return out
-
-
-def export_model(rundir: str | Path, out: str | Path, half: bool = True) -> Path:
-    """Copy a run's best view checkpoints (weights only, float16 by default) into a model folder."""
-    rundir, out = Path(rundir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for v in VIEWS:
-        src = rundir / f"{v}.pt"
-        if src.exists():
-            ck: ViewCheckpoint = load_checkpoint(src)
-            ck.training_state = None
-            paths[v] = save_checkpoint(ck, out / f"{v}.pt", half=half)
-    if not paths:
-        raise QuicknatInputError(rundir, "no view checkpoints to export")
-    spec = json.loads((rundir / "model.json").read_text()) if (rundir / "model.json").exists() else None
-    weights = {v: spec["views"][v]["weight"] for v in paths} if spec else None
-    save_model(out, paths, weights)
-    if (rundir / "config.yaml").exists():
-        shutil.copy(rundir / "config.yaml", out / "config.yaml")
     return out

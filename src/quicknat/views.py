@@ -30,10 +30,31 @@ class ViewSpec:
     axis: int
     weight: float
     merge_lr: bool = False
+    transpose: bool = False  # for display: (rows, cols) of a slice are its (second, first) axes
+    flip_rows: bool = False  # for display: then flipped top to bottom
+
+    @property
+    def lateral_in_plane(self) -> bool:
+        """Whether this view's slices contain the left-right axis (conformed axis 0)."""
+        return self.axis != 0
+
+    def display(self, plane: np.ndarray) -> np.ndarray:
+        """A slice (as :meth:`slice_of` gives it) in the usual display orientation: coronal and
+        axial radiological (the subject's right on the left), superior or anterior at the top."""
+        out = np.swapaxes(plane, 0, 1) if self.transpose else plane  # (H, W) or (H, W, colour)
+        return np.flipud(out) if self.flip_rows else out
 
     def scheme(self, full: LabelScheme) -> LabelScheme:
         """The label scheme this view's network predicts."""
         return full.merged_lr() if self.merge_lr else full
+
+    def merge_index(self, full: LabelScheme) -> np.ndarray:
+        """For each class of ``full``, its class in this view's scheme (identity unless merged)."""
+        return full.lr_merge_index() if self.merge_lr else np.arange(full.num_classes)
+
+    def slice_of(self, volume: np.ndarray | torch.Tensor, index: int):
+        """Slice ``index`` of a (..., X, Y, Z) volume along this view's axis (shares memory)."""
+        return slices(volume, self)[index]
 
     def expand_index(self, full: LabelScheme) -> np.ndarray | None:
         """Index that expands this view's class probabilities to ``full`` (None: identity)."""
@@ -41,8 +62,8 @@ class ViewSpec:
 
 
 VIEWS: dict[str, ViewSpec] = {
-    "coronal": ViewSpec("coronal", axis=2, weight=0.4),
-    "axial": ViewSpec("axial", axis=1, weight=0.4),
+    "coronal": ViewSpec("coronal", axis=2, weight=0.4, transpose=True),
+    "axial": ViewSpec("axial", axis=1, weight=0.4, transpose=True, flip_rows=True),
     "sagittal": ViewSpec("sagittal", axis=0, weight=0.2, merge_lr=True),
 }
 VIEW_NAMES = tuple(VIEWS)

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import QuicknatInputError
 from ..io import atomic_write_text
+from ..labels import LabelScheme, get_scheme
 
 FORMAT = "quicknat-manifest"
 SPLITS = ("train", "validation", "test")
@@ -64,6 +65,27 @@ class Manifest:
 
     def resolve(self, rel: str | None) -> Path | None:
         return None if rel is None else (self.root / rel).resolve()
+
+    def label_scheme(self) -> LabelScheme:
+        """The scheme of the manifest's labels: a built-in name, a colour-LUT file beside the
+        manifest, or the scheme itself."""
+        s = self.scheme
+        if isinstance(s, dict):
+            return LabelScheme.from_dict(s)
+        path = Path(str(s))
+        if not path.is_absolute() and (self.root / path).exists():
+            return get_scheme(self.root / path)
+        return get_scheme(str(s))
+
+    def labelled(self, split: str) -> list[tuple[Scan, Path | None, Path]]:
+        """(scan, image path or None, label path) of every scan of a split; a scan without a
+        label is an error naming the manifest."""
+        out = []
+        for scan in self.scans_in(split):
+            if scan.label is None:
+                raise QuicknatInputError(self.path, f"scan {scan.id} has no label")
+            out.append((scan, self.resolve(scan.image), self.resolve(scan.label)))
+        return out
 
     def scans_in(self, split: str) -> list[Scan]:
         """The scans of a split ('train', 'validation', 'test' or 'all')."""

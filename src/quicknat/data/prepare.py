@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,8 +190,14 @@ def prepare_freesurfer(subjects_dir: str | Path, out: str | Path | None = None, 
 
 
 def prepare_labelmaps(folder: str | Path, out: str | Path | None = None, seed: int = 0, resplit: bool = False,
-                      scheme: str = "aseg33") -> Path:
-    """A folder of label maps without images -> a manifest for synthetic training."""
+                      scheme: str = "aseg33", *, holdout: Sequence[str] = (),
+                      validation_scans: Sequence[tuple[str | Path, str | Path]] = ()) -> Path:
+    """A folder of label maps without images -> a manifest for synthetic training.
+
+    ``holdout``: label maps (by stem) to hold out for validation instead of a random split.
+    ``validation_scans``: real (image, label) pairs added to the validation split, so that
+    training keeps the model that is best on real anatomy (see :mod:`quicknat.train`).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise QuicknatInputError(folder, "label map folder does not exist")
@@ -202,6 +209,35 @@ def prepare_labelmaps(folder: str | Path, out: str | Path | None = None, seed: i
     for f in files:
         lab = load_volume(f)
         scans.append(Scan(stem(f), stem(f), None, os.path.relpath(f, base), _facts(None, lab)))
+    ids = [s.id for s in scans]
+    unknown = sorted(set(holdout) - set(ids))
+    if unknown:
+        raise QuicknatInputError(folder, f"--holdout names no label map here: {', '.join(unknown)}")
+    real = []
+    for image_path, label_path in validation_scans:
+        image, label = load_volume(image_path), load_volume(label_path)
+        if not same_grid(image, label):
+            raise QuicknatInputError(label_path, "label and image do not share geometry")
+        sid = stem(Path(image_path))
+        if sid in ids or sid in [r.id for r in real]:
+            raise QuicknatInputError(image_path, f"scan ID {sid!r} is already in the manifest")
+        real.append(Scan(sid, sid, os.path.relpath(image_path, base), os.path.relpath(label_path, base),
+                         _facts(image, label)))
     path = base / "manifest.json"
-    split = reuse_or_split(scans, _previous(path), seed, resplit)
-    return Manifest("labelmaps", scheme, scans, split, [], {"folder": str(folder)}).save(path)
+    if holdout:
+        split = {"seed": seed, "by": "holdout", "train": [i for i in ids if i not in holdout],
+                 "validation": sorted(holdout), "test": []}
+    else:
+        split = reuse_or_split(scans, _previous_without(path, real), seed, resplit)
+    split = {**split, "validation": [*split["validation"], *(r.id for r in real)]}
+    return Manifest("labelmaps", scheme, scans + real, split, [], {"folder": str(folder)}).save(path)
+
+
+def _previous_without(path: Path, extra: list[Scan]) -> Manifest | None:
+    """The previous manifest with the real validation scans taken out (they are not split)."""
+    prev = _previous(path)
+    if prev is None or not prev.split:
+        return prev
+    drop = {s.id for s in extra} | {s.id for s in prev.scans if s.image is not None}
+    prev.split = {k: ([i for i in v if i not in drop] if isinstance(v, list) else v) for k, v in prev.split.items()}
+    return prev

@@ -23,18 +23,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from ..conform import ConformSettings, plan_conform
-from ..io import load_volume, same_grid
+from ..errors import QuicknatInputError
+from ..io import atomic_write_npy, load_volume, same_grid
 from ..labels import LabelScheme
 from ..views import get_view, slices
-from .manifest import Scan
+from .manifest import Manifest, Scan
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +122,6 @@ class VolumeCache:
         if image_path is not None:
             image = load_volume(image_path)
             if not same_grid(image, lab):
-                from ..errors import QuicknatInputError
-
                 raise QuicknatInputError(label_path, "label and image do not share geometry")
             plan = plan_conform(image, self.settings)
             img = plan.image(image.array).astype(np.float16)
@@ -131,9 +132,7 @@ class VolumeCache:
         if self.cache_dir is not None:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             for path, arr in ((ip, img), (cp, cls)):
-                tmp = path.with_name(path.name + ".tmp.npy")
-                np.save(tmp, arr)
-                tmp.replace(path)
+                atomic_write_npy(path, arr)
             return np.load(ip, mmap_mode="r"), np.load(cp, mmap_mode="r")
         return img, cls
 
@@ -164,7 +163,7 @@ class SliceDataset(Dataset):
         self.spec = get_view(view)
         full = cache.scheme
         self.scheme = self.spec.scheme(full)
-        self.merge = full.lr_merge_index() if self.spec.merge_lr else np.arange(full.num_classes)
+        self.merge = self.spec.merge_index(full)
         self.swap = full.lr_swap_index()
         if class_weights is None:
             counts = np.bincount(self.merge, weights=cache.class_counts(), minlength=self.scheme.num_classes)
@@ -225,7 +224,7 @@ class SliceDataset(Dataset):
         seed = int.from_bytes(hashlib.sha1(f"{self.seed}-{self.epoch}-{i}".encode()).digest()[:4], "little")
         rng = np.random.default_rng(seed)
         # conformed axis 0 is left-right; it is the slice's first axis in coronal/axial views
-        if not self.spec.merge_lr and self.spec.axis != 0 and rng.random() < self.augment.flip:
+        if not self.spec.merge_lr and self.spec.lateral_in_plane and rng.random() < self.augment.flip:
             img, cls = img[::-1], self.swap[cls[::-1]]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -242,3 +241,56 @@ class SliceDataset(Dataset):
 def volume_slices(image: np.ndarray, view: str) -> np.ndarray:
     """All slices of a conformed volume for one view, (N, H, W) float32 (for validation)."""
     return np.ascontiguousarray(slices(np.asarray(image, dtype=np.float32), view))
+
+
+class ValidationVolumes(Protocol):
+    """Whole conformed validation volumes: images and class maps of the full scheme, by ID
+    (:class:`VolumeCache` for real scans, :class:`~quicknat.data.synth.SynthVolumes`)."""
+
+    scheme: LabelScheme
+    ids: list[str]
+    images: Sequence[np.ndarray]
+    classes: Sequence[np.ndarray]
+
+
+@dataclass
+class ValidationSet:
+    """A named validation set; ``unscored`` classes are left out of its mean Dice."""
+
+    name: str
+    volumes: ValidationVolumes
+    unscored: tuple[str, ...] = ()
+
+
+@dataclass
+class TrainingData:
+    """What the training engine needs of the data for one view: training slices, validation
+    sets (the model is kept by the last one's mean Dice) and provenance facts."""
+
+    dataset: Dataset
+    validation: list[ValidationSet]
+    facts: dict = field(default_factory=dict)
+
+
+def class_weights_for(counts: np.ndarray, merge: np.ndarray, num_classes: int, cap: float) -> np.ndarray:
+    """Median-frequency weights of a view's classes from voxel counts of the full scheme."""
+    return median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cap)
+
+
+def real_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, settings: ConformSettings,
+                       cache_dir: str | Path | None = None, weight_cap: float = WEIGHT_CAP,
+                       edge_weight: float = EDGE_WEIGHT, min_foreground: float = MIN_FOREGROUND,
+                       augment: AugmentConfig | None = None, seed: int = 0) -> TrainingData:
+    """Slices of the manifest's labelled training scans; its validation scans, whole."""
+    spec = get_view(view)
+    train_cache = VolumeCache(manifest.labelled("train"), scheme, settings, cache_dir)
+    val_cache = VolumeCache(manifest.labelled("validation"), scheme, settings, cache_dir)
+    if train_cache.unknown:
+        log.warning("label IDs not in scheme %s (set to background): %s", scheme.name,
+                    dict(sorted(train_cache.unknown.items())[:10]))
+    weights = class_weights_for(train_cache.class_counts(), spec.merge_index(scheme),
+                                spec.scheme(scheme).num_classes, weight_cap)
+    data = SliceDataset(train_cache, view, weights, edge_weight, min_foreground, augment, seed)
+    return TrainingData(data, [ValidationSet("validation", val_cache)],
+                        {"train_scans": len(train_cache.ids), "validation_scans": len(val_cache.ids),
+                         "synthetic": False})

@@ -1,52 +1,69 @@
 """SynthSeg-style training data: T1-like and random-contrast images generated from label maps.
 
-For each sample (Billot et al. 2023; defaults from the published SynthSeg generator):
+For each training slice (Billot et al. 2023; defaults from the published SynthSeg generator):
 
 1. **Spatial**: a random affine (rotation ±15°, scaling ±20 %, shearing ±0.012, translation
    ±20 mm, left-right flip with lateral labels swapped) and a smooth non-linear deformation
    (a random displacement field on a coarse 5³ grid, std 4 voxels, interpolated).
-2. **Intensities**: per label group (a structure and its left/right partner share one group)
-   a Gaussian with mean ~ U(25, 225) and std ~ U(5, 25); in a share of samples (``t1_share``)
-   the means follow T1 ordering instead (WM > deep GM > cortex > CSF) so T1 accuracy
-   converges fast. Non-brain head labels get their own random groups.
-3. **Skull removal** with probability ``strip_prob``: non-brain labels become background, so
-   both whole-head and skull-stripped inputs are covered.
-4. **Bias field**: exp of a smooth random field (std 0.7 on a coarse 4³ grid).
-5. **Resolution**: with probability ``thick_prob``, a thick-slice acquisition: intensities are
-   averaged over several planes along the slice normal (up to ``max_thickness`` mm), plus
-   in-plane Gaussian blur; otherwise a mild blur.
-6. **Noise**, then **gamma** (log-normal exponent), and robust scaling to [0, 1] as in
-   :mod:`quicknat.conform` (percentiles over a sparse 3D sample of the same deformed volume).
+2. **Slice position**: uniform over the brain's extent along the view's axis (plus a margin),
+   so the poles, the vertex and the bottom of the cerebellum are trained on as often as the
+   centre; a share ``head_slices`` of slices is drawn anywhere in the head instead, kept even
+   when they hold no brain, so the network learns that scalp, skull, eyes and neck are
+   background (``quicknat segment`` runs every slice that crosses the head).
+3. **Intensities**, per sample one of two modes:
+
+   * *T1* (share ``1 - random_share``): with SynthSeg's T1 priors (``priors``: a folder holding
+     SynthSeg's ``generation_labels.npy``, ``generation_classes_contrast_specific.npy``,
+     ``prior_means_t1.npy`` and ``prior_stds_t1.npy``), each intensity class (for example
+     putamen, pallidum, thalamus, cortex, each non-brain head tissue) draws its own mean from
+     ``N(means[0, c], means[1, c])`` and its own std from ``N(stds[0, c], stds[1, c])``, as
+     SynthSeg does. Without a priors folder, coarse built-in T1 ranges are used (WM > deep
+     grey > cortex > CSF), each structure drawn on its own within its range.
+   * *random contrast*: per structure (a left/right pair shares one) mean ~ U(25, 225) and
+     std ~ U(5, 25); each non-brain head tissue its own.
+
+   Non-brain head tissues are present in all samples but a share ``strip_prob`` (skull
+   removed: they become background, zero or background-like noise) and are always labelled
+   background.
+4. **Partial volume and soft targets**: on a conformed grid coarser than the label maps
+   (``quicknat segment`` at 2 mm), every conformed voxel is the average of ``k³`` sub-samples
+   at the label maps' resolution (``k`` = voxel size in mm, at most 3): the image averages their
+   intensities and the target is their class histogram (a probability per class), so a network
+   at 2 mm is trained towards the posteriors that best reproduce the 1 mm labels.
+5. **Bias field**: exp of a smooth random field (std ~ U(0, 0.7) on a coarse 4³ grid).
+6. **Resolution**: with probability ``thick_prob``, a thick-slice acquisition (intensities
+   averaged over planes across up to ``max_thickness`` mm along the slice normal, plus in-plane
+   blur); otherwise a mild blur.
+7. **Noise**, then **gamma** (log-normal exponent), and robust scaling to [0, 1] as in
+   :func:`quicknat.conform.intensity_window` (percentiles over a sparse 3D sample of the same
+   deformed volume).
 
 Slices are generated directly on the conformed grid of a view: the random 3D transform is only
-evaluated at the points of the requested slice (and a few neighbouring planes for thick slices),
-so one sample costs a few 2D ``grid_sample`` calls. All of it runs on torch, on CPU or GPU.
+evaluated at the points of the requested slice, so one sample costs a few gathers of a 2D set
+of points. All of it runs on torch, on CPU or GPU.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conform import ConformSettings, bounding_box, target_rotation
+from ..conform import ConformSettings, intensity_window, target_rotation
 from ..labels import LabelScheme
+from ..resample import bounding_box
 from ..views import get_view
-
-# label ID groups that get T1-like intensities (mean ranges) in T1 samples
-_T1_RANGES = {
-    "wm": ((2, 41, 7, 46, 16, 28, 60, 77, 85), (95, 140)),
-    "deep": ((10, 49, 9, 48, 13, 52), (80, 105)),
-    "gm": ((3, 42, 8, 47, 11, 50, 12, 51, 17, 53, 18, 54, 26, 58, 80, 136, 137, 163, 164), (55, 85)),
-    "csf": ((4, 43, 5, 44, 14, 15, 24, 72, 31, 63, 30, 62), (10, 45)),
-}
+from .intensity import T1Priors, sample_intensities
 
 
 @dataclass(frozen=True)
 class SynthConfig:
+    """The generator's settings (a typed part of :class:`quicknat.config.TrainConfig`)."""
+
     rotation: float = 15.0
     scaling: float = 0.2
     shearing: float = 0.012
@@ -56,24 +73,69 @@ class SynthConfig:
     deform_grid: int = 5
     mean_range: tuple[float, float] = (25.0, 225.0)
     std_range: tuple[float, float] = (5.0, 25.0)
-    t1_share: float = 0.5
-    strip_prob: float = 0.4
+    random_share: float = 0.25  # share of random-contrast samples (the rest T1-like)
+    priors: str | None = None  # folder with SynthSeg's T1 priors (see module docstring)
+    strip_prob: float = 0.25
+    head_slices: float = 0.1  # share of slices placed anywhere in the head, brain or not
     bias_std: float = 0.7
     bias_grid: int = 4
     thick_prob: float = 0.3
-    max_thickness: float = 6.0
-    blur_max: float = 1.0
+    max_thickness: float = 6.0  # mm
+    blur_max: float = 1.0  # conformed voxels
     noise_max: float = 12.0
     gamma_std: float = 0.3
+    soft: bool = True  # sub-voxel averaging and soft targets when the grid is coarser than the maps
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "priors":
+                if v is not None and not isinstance(v, str):
+                    raise ValueError("synth.priors must be a folder path")
+            elif f.name == "soft":
+                if not isinstance(v, bool):
+                    raise ValueError("synth.soft must be true or false")
+            elif f.name in ("mean_range", "std_range"):
+                if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v)
+                        and 0 <= v[0] <= v[1]):
+                    raise ValueError(f"synth.{f.name} must be two numbers low <= high")
+                object.__setattr__(self, f.name, (float(v[0]), float(v[1])))
+            elif not _is_number(v) or v < 0:
+                raise ValueError(f"synth.{f.name} must be a non-negative number")
+        for name in ("flip", "random_share", "strip_prob", "head_slices", "thick_prob"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"synth.{name} is a probability (0-1)")
+        if self.deform_grid < 2 or self.bias_grid < 2:
+            raise ValueError("synth.deform_grid and synth.bias_grid must be at least 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean_range"], d["std_range"] = list(self.mean_range), list(self.std_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SynthConfig:
+        d = dict(d or {})
+        if "t1_share" in d:  # older configs: share of T1-like samples
+            d["random_share"] = 1.0 - float(d.pop("t1_share"))
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown synth keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class LabelMapSynth:
-    """Generates (image slice, class slice) pairs from whole-head label maps.
+    """Generates (image slice, class target) pairs from whole-head label maps.
 
     Args:
         label_maps: list of (label IDs array on a 1 mm grid, its affine).
-        scheme: the label scheme; IDs outside it become background in the class map.
+        scheme: the label scheme; IDs outside it become background in the targets.
         settings: the conformed grid the slices are generated on (as ``quicknat segment`` sees).
+        config: the generator's settings.
     """
 
     def __init__(self, label_maps, scheme: LabelScheme, settings: ConformSettings | None = None,
@@ -82,31 +144,52 @@ class LabelMapSynth:
         self.settings = settings or ConformSettings()
         self.cfg = config or SynthConfig()
         self.device = torch.device(device)
-        self.maps = []
+        self.priors = T1Priors.load(self.cfg.priors) if self.cfg.priors else None
         brain_ids = {i for c in scheme.classes[1:] for i in c.source_ids}
-        for arr, affine in label_maps:
-            ids = np.rint(np.asarray(arr)).astype(np.int64)
-            uniq, inv = np.unique(ids, return_inverse=True)
-            compact = torch.from_numpy(inv.reshape(ids.shape).astype(np.int16)).to(self.device)
-            classes, _ = scheme.encode(uniq)
-            box = bounding_box(np.isin(ids, [u for u, c in zip(uniq, classes) if c > 0]))
-            centre = (np.array(ids.shape) - 1) / 2.0 if box is None else (box[0] + box[1] - 1) / 2.0
-            self.maps.append({
-                "centre": centre,  # the brain's bounding-box centre (voxels): slices are placed on it
-                "compact": compact.float()[None, None],  # for nearest grid_sample
-                "ids": uniq,
-                "classes": torch.from_numpy(classes.astype(np.int64)).to(self.device),
-                "brain": torch.from_numpy(np.isin(uniq, list(brain_ids))).to(self.device),
-                "affine": np.asarray(affine, dtype=np.float64),
-                "shape": ids.shape,
-            })
+        self.maps = [self._prepare_map(arr, affine, brain_ids) for arr, affine in label_maps]
         self.swap = torch.from_numpy(scheme.lr_swap_index()).to(self.device)
-        self.groups = self._groups()
+        merged = scheme.lr_merge_index()
+        # intensity group of a brain label in random-contrast mode (left/right partners share one)
+        self.groups = {i: int(merged[k]) for k, c in enumerate(scheme.classes) for i in c.source_ids}
+        label_vox = min(float(np.linalg.norm(m["affine"][:3, :3], axis=0).min()) for m in self.maps) \
+            if self.maps else 1.0
+        k = int(round(self.settings.voxel_size / label_vox)) if self.cfg.soft else 1
+        self.sub = max(1, min(3, k))
 
-    def _groups(self) -> dict[int, int]:
-        """Label ID -> intensity group (left/right partners share one)."""
-        merged = self.scheme.lr_merge_index()
-        return {i: int(merged[k]) for k, c in enumerate(self.scheme.classes) for i in c.source_ids}
+    def _prepare_map(self, arr, affine, brain_ids) -> dict[str, Any]:
+        ids = np.rint(np.asarray(arr)).astype(np.int64)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        classes, _ = self.scheme.encode(uniq)
+        brain = np.isin(uniq, list(brain_ids))
+        affine = np.asarray(affine, dtype=np.float64)
+        brain_box = bounding_box(np.isin(ids, uniq[classes > 0]))
+        head_box = bounding_box(ids > 0)
+        if brain_box is None:
+            brain_box = head_box if head_box is not None else (np.zeros(3), np.array(ids.shape))
+        if head_box is None:
+            head_box = brain_box
+        centre_vox = (brain_box[0] + brain_box[1] - 1) / 2.0
+        centre = affine[:3, :3] @ centre_vox + affine[:3, 3]
+        unit = target_rotation(self.settings) / self.settings.voxel_size  # conformed axes, unit length
+
+        def extent(box) -> np.ndarray:  # (2, 3): min/max offset from the centre along conformed axes, mm
+            edges = np.stack([box[0] - 0.5, box[1] - 0.5])  # voxel edges (stop is exclusive)
+            pts = np.array([[edges[(n >> a) & 1][a] for a in range(3)] for n in range(8)])
+            world = pts @ affine[:3, :3].T + affine[:3, 3]
+            local = (world - centre) @ unit
+            return np.stack([local.min(0), local.max(0)])
+
+        return {
+            "ids": uniq,
+            "flat": torch.from_numpy(inv.reshape(-1).astype(np.int16)).to(self.device),
+            "shape": ids.shape,
+            "classes": torch.from_numpy(classes.astype(np.int64)).to(self.device),
+            "brain": torch.from_numpy(brain),
+            "affine": affine,
+            "centre": centre,
+            "brain_extent": extent(brain_box),
+            "head_extent": extent(head_box),
+        }
 
     # -- geometry ------------------------------------------------------------------------
     def _random_affine(self, g: torch.Generator) -> np.ndarray:
@@ -128,148 +211,167 @@ class LabelMapSynth:
         m[:3, 3] = [u(-c.translation, c.translation) for _ in range(3)]
         return m
 
-    def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None,
-               min_foreground: float = 0.002):
-        """One (image (H, W) float32 in [0, 1], classes (H, W) int64) pair for ``view``.
+    def _voxel_map(self, lm: dict, g: torch.Generator) -> tuple[np.ndarray, bool]:
+        """Conformed voxel -> label-map voxel through a random world transform about the brain's
+        centre (which lands on the conformed grid's centre); and whether it flips left-right."""
+        shape = self.settings.shape
+        rot = target_rotation(self.settings)
+        out_aff = np.eye(4)
+        out_aff[:3, :3] = rot
+        out_aff[:3, 3] = lm["centre"] - out_aff[:3, :3] @ ((np.array(shape) - 1) / 2.0)
+        shift = np.eye(4)
+        shift[:3, 3] = -lm["centre"]
+        warp = np.linalg.inv(shift) @ self._random_affine(g) @ shift
+        flip = float(torch.rand(1, generator=g)) < self.cfg.flip
+        if flip:
+            warp = np.linalg.inv(shift) @ np.diag([-1.0, 1, 1, 1]) @ shift @ warp
+        return np.linalg.inv(lm["affine"]) @ warp @ out_aff, flip
 
-        A randomly placed slice with less than ``min_foreground`` labelled pixels is redrawn (up
-        to 5 times, seeds derived from ``seed``), as training on real data drops such slices.
+    def _slice_position(self, lm: dict, axis: int, g: torch.Generator) -> tuple[float, bool]:
+        """A random slice index along ``axis``: over the brain's extent (5 % margin), or with
+        probability ``head_slices`` anywhere over the head's; and whether it is a head slice."""
+        n = self.settings.shape[axis]
+        head = float(torch.rand(1, generator=g)) < self.cfg.head_slices
+        ext = lm["head_extent" if head else "brain_extent"][:, axis] / self.settings.voxel_size
+        margin = 0.0 if head else 0.05 * (ext[1] - ext[0])
+        lo = max(0.0, (n - 1) / 2.0 + ext[0] - margin)
+        hi = min(n - 1.0, (n - 1) / 2.0 + ext[1] + margin)
+        return round(float(torch.empty(1).uniform_(lo, max(lo, hi), generator=g))), head
+
+    # -- one sample ----------------------------------------------------------------------
+    def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None,
+               min_foreground: float = 0.002) -> tuple[np.ndarray, np.ndarray]:
+        """One (image (H, W) float32 in [0, 1], target (C, H, W) float32) pair for ``view``.
+
+        The target holds a probability per class of the full scheme (one-hot when the grid is
+        not coarser than the maps). A slice placed in the brain with less than
+        ``min_foreground`` foreground is redrawn (up to 5 times, seeds derived from ``seed``),
+        as training on real data drops such slices; head slices are kept as they are.
         """
         for attempt in range(5):
-            img, cls = self._sample(view, seed + attempt * 7919, slice_index, map_index)
-            if slice_index is not None or (cls > 0).mean() >= min_foreground:
+            img, target, head = self._sample(view, seed + attempt * 7919, slice_index, map_index)
+            if slice_index is not None or head or (1.0 - target[0]).mean() >= min_foreground:
                 break
-        return img, cls
+        return img, target
 
     def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None):
         g = torch.Generator().manual_seed(int(seed))
         c = self.cfg
         spec = get_view(view)
-        lm = self.maps[int(torch.randint(len(self.maps), (1,), generator=g)) if map_index is None else map_index]
         shape = self.settings.shape
-        # world -> label-map voxel, through a random world transform about the map's centre
-        rot = target_rotation(self.settings)
-        centre = lm["affine"][:3, :3] @ lm["centre"] + lm["affine"][:3, 3]
-        out_aff = np.eye(4)
-        out_aff[:3, :3] = rot
-        out_aff[:3, 3] = centre - rot @ ((np.array(shape) - 1) / 2.0)
-        shift = np.eye(4)
-        shift[:3, 3] = -centre
-        warp = np.linalg.inv(shift) @ self._random_affine(g) @ shift
-        flip = float(torch.rand(1, generator=g)) < c.flip
-        if flip:
-            mirror = np.diag([-1.0, 1, 1, 1])
-            warp = np.linalg.inv(shift) @ mirror @ shift @ warp
-        m = np.linalg.inv(lm["affine"]) @ warp @ out_aff  # conformed voxel -> label voxel
-
         axis = spec.axis
+        lm = self.maps[int(torch.randint(len(self.maps), (1,), generator=g)) if map_index is None else map_index]
+        m, flip = self._voxel_map(lm, g)
+        head = False
         if slice_index is None:
-            lo, hi = int(0.3 * shape[axis]), int(0.7 * shape[axis])  # around the brain's centre
-            slice_index = int(torch.randint(lo, hi, (1,), generator=g))
+            slice_index, head = self._slice_position(lm, axis, g)
         thick = float(torch.rand(1, generator=g)) < c.thick_prob
         thickness = float(torch.empty(1).uniform_(2.0, c.max_thickness, generator=g)) if thick else 0.0
-        offsets = np.linspace(-thickness / 2, thickness / 2, 5) if thick else np.array([0.0])
-
-        # deformation field on a coarse grid over the conformed volume, in label voxels
         field = torch.randn((1, 3, c.deform_grid, c.deform_grid, c.deform_grid), generator=g) * c.deform_std
-        bias = torch.randn((1, 1, c.bias_grid, c.bias_grid, c.bias_grid), generator=g) * c.bias_std
-
-        def points(index_offset: float):
-            ii = [torch.arange(s, dtype=torch.float64) for s in shape]
-            ii[axis] = torch.tensor([slice_index + index_offset], dtype=torch.float64)
-            grid = torch.stack(torch.meshgrid(*ii, indexing="ij"), dim=-1).reshape(-1, 3)  # conformed voxels
-            norm = (grid / torch.tensor([s - 1 for s in shape], dtype=torch.float64)) * 2 - 1
-            return grid, norm
-
-        def sample_coarse(vol: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-            gg = norm[:, [2, 1, 0]].float().view(1, -1, 1, 1, 3)
-            return F.grid_sample(vol, gg, mode="bilinear", padding_mode="border", align_corners=True)[0, :, :, 0, 0]
-
-        def label_at(grid: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-            vox = grid @ torch.from_numpy(m[:3, :3].T) + torch.from_numpy(m[:3, 3])
-            vox = vox + sample_coarse(field, norm).T.double()
-            size = torch.tensor([s - 1 for s in lm["shape"]], dtype=torch.float64)
-            gg = ((vox / size) * 2 - 1)[:, [2, 1, 0]].float().view(1, -1, 1, 1, 3).to(self.device)
-            out = F.grid_sample(lm["compact"], gg, mode="nearest", padding_mode="zeros", align_corners=True)
-            return out.view(-1).long()
-
-        # intensities per label group
-        nlab = len(lm["ids"])
-        t1 = float(torch.rand(1, generator=g)) < c.t1_share
-        gmeans = torch.empty(64).uniform_(*c.mean_range, generator=g)
-        gstds = torch.empty(64).uniform_(*c.std_range, generator=g)
-        means = torch.empty(nlab)
-        stds = torch.empty(nlab)
-        for n, lab in enumerate(lm["ids"].tolist()):
-            grp = self.groups.get(lab, 33 + (lab % 31))
-            means[n], stds[n] = gmeans[grp], gstds[grp]
-            if t1:
-                for _, (ids, (lo, hi)) in _T1_RANGES.items():
-                    if lab in ids:
-                        gen = torch.Generator().manual_seed(int(seed) * 7 + hash(ids) % 1000)
-                        means[n] = float(torch.empty(1).uniform_(lo, hi, generator=gen))
-                        stds[n] = float(torch.empty(1).uniform_(3, 10, generator=gen))
-        means[0] = 0.0 if float(torch.rand(1, generator=g)) < 0.8 else means[0] * 0.2
-        strip = float(torch.rand(1, generator=g)) < c.strip_prob
-        if strip:
-            means[~lm["brain"].cpu()] = 0.0
-            stds[~lm["brain"].cpu()] = 0.0
+        bias_std = float(torch.rand(1, generator=g)) * c.bias_std
+        bias = torch.randn((1, 1, c.bias_grid, c.bias_grid, c.bias_grid), generator=g) * bias_std
+        means, stds = sample_intensities(lm["ids"], lm["brain"], self.groups, self.cfg, self.priors, g)
         means, stds = means.to(self.device), stds.to(self.device)
 
-        planes = []
-        classes = None
-        for off in offsets:
-            grid, norm = points(float(off))
-            lab = label_at(grid, norm)
-            if off == offsets[len(offsets) // 2]:
-                classes = lm["classes"][lab]
-            noise = torch.randn(lab.shape, generator=g).to(self.device)
-            planes.append(means[lab] + stds[lab] * noise)
-        img = torch.stack(planes).mean(0)
-        grid, norm = points(0.0)
-        img = img * torch.exp(sample_coarse(bias, norm)[0]).to(self.device)
-        hw = [s for a, s in enumerate(shape) if a != axis]
-        img = img.view(*hw)
-        classes = classes.view(*hw)
+        k = self.sub
+        sub = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5  # sub-voxel offsets (conformed voxels)
+        hw = [shape[a] for a in range(3) if a != axis]
+        zero = torch.zeros(1)
+        centre = self._points(slice_index, axis, zero, zero)[0]  # (H*W, 3) pixel centres
+        norm = self._normalised(centre)
+        # the smooth deformation, in label voxels, evaluated once per pixel for all its sub-samples
+        disp = _sample_coarse(field, norm).T
+        # label sub-samples: k x k in plane, k through plane
+        lab = self._lookup(lm, m, disp, self._points(slice_index, axis, sub, sub))  # (k^3, H*W)
+        classes = lm["classes"][lab]
         if flip:
             classes = self.swap[classes]
+        n_cls = self.scheme.num_classes
+        target = torch.zeros((n_cls, classes.shape[1]), dtype=torch.float32, device=self.device)
+        target.scatter_add_(0, classes, torch.full(classes.shape, 1.0 / classes.shape[0], device=self.device))
+        # image sub-samples: the same in plane; through plane the slice thickness when thick
+        if thick:
+            depth = torch.linspace(-0.5, 0.5, 5) * thickness / self.settings.voxel_size
+            img_lab = self._lookup(lm, m, disp, self._points(slice_index, axis, sub, depth))
+        else:
+            img_lab = lab
+        noise = torch.randn(img_lab.shape, generator=g).to(self.device)
+        img = (means[img_lab] + stds[img_lab] * noise).mean(0)
+        img = img * torch.exp(_sample_coarse(bias, norm)[0]).to(self.device)
+        img = img.view(*hw)
         sigma = float(torch.rand(1, generator=g)) * (c.blur_max + (1.0 if thick else 0.0))
         img = _blur2d(img, sigma)
         img = img + torch.randn(img.shape, generator=g).to(self.device) * float(
             torch.empty(1).uniform_(0, c.noise_max, generator=g))
         img = img.clamp_min(0)
-        # robust window from a sparse 3D sample of the same (deformed, unbiased) volume
-        lo, hi = self._window(m, means, stds, lm, g)
+        lo, hi = self._window(lm, m, means, stds, g)
         img = ((img - lo) / (hi - lo)).clamp(0, 1)
-        gamma = math.exp(float(torch.randn(1, generator=g)) * c.gamma_std)
-        img = img.pow(gamma)
-        return img.float().cpu().numpy(), classes.cpu().numpy()
+        img = img.pow(math.exp(float(torch.randn(1, generator=g)) * c.gamma_std))
+        return img.float().cpu().numpy(), target.view(n_cls, *hw).cpu().numpy(), head
 
-    def _window(self, m, means, stds, lm, g) -> tuple[float, float]:
-        idx = torch.stack(torch.meshgrid(*[torch.linspace(0, s - 1, 24) for s in self.settings.shape], indexing="ij"),
-                          -1).reshape(-1, 3).double()
-        vox = idx @ torch.from_numpy(m[:3, :3].T) + torch.from_numpy(m[:3, 3])
-        size = torch.tensor([s - 1 for s in lm["shape"]], dtype=torch.float64)
-        gg = ((vox / size) * 2 - 1)[:, [2, 1, 0]].float().view(1, -1, 1, 1, 3).to(self.device)
-        lab = F.grid_sample(lm["compact"], gg, mode="nearest", padding_mode="zeros", align_corners=True).view(-1).long()
+    def _points(self, index: float, axis: int, in_plane_offsets: torch.Tensor, depth_offsets: torch.Tensor):
+        """Conformed voxel coordinates (n_sub, H*W, 3) of a slice's sub-samples."""
+        shape = self.settings.shape
+        axes = [torch.tensor([float(index)]) if a == axis else torch.arange(shape[a], dtype=torch.float32)
+                for a in range(3)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        in_plane = [a for a in range(3) if a != axis]
+        offs = []
+        for d in depth_offsets.tolist():
+            for o1 in in_plane_offsets.tolist():
+                for o2 in in_plane_offsets.tolist():
+                    o = [0.0, 0.0, 0.0]
+                    o[axis], o[in_plane[0]], o[in_plane[1]] = d, o1, o2
+                    offs.append(o)
+        return grid[None] + torch.tensor(offs)[:, None]
+
+    def _normalised(self, pts: torch.Tensor) -> torch.Tensor:
+        size = torch.tensor([s - 1 for s in self.settings.shape], dtype=torch.float32)
+        return (pts.reshape(-1, 3) / size) * 2 - 1
+
+    def _lookup(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor) -> torch.Tensor:
+        """Compact label indices at conformed points (n, P, 3) -> (n, P): the affine ``m``, plus
+        the deformation ``disp`` (P, 3) in label voxels, nearest voxel; outside the map, label 0."""
+        n, p, _ = pts.shape
+        vox = pts @ torch.from_numpy(m[:3, :3].T).float() + torch.from_numpy(m[:3, 3]).float()
+        if disp is not None:
+            vox = vox + disp
+        idx = torch.round(vox).long().reshape(-1, 3)
+        dims = torch.tensor(lm["shape"])
+        inside = ((idx >= 0) & (idx < dims)).all(1)
+        idx = torch.minimum(idx.clamp_min(0), dims - 1)
+        lin = (idx[:, 0] * dims[1] + idx[:, 1]) * dims[2] + idx[:, 2]
+        out = lm["flat"][lin.to(self.device)].long()
+        out = torch.where(inside.to(self.device), out, torch.zeros_like(out))
+        return out.view(n, p)
+
+    def _window(self, lm, m, means, stds, g) -> tuple[float, float]:
+        """The robust intensity window of the whole (deformation-free, unbiased) volume,
+        estimated on a sparse 24³ sample, as :func:`quicknat.conform.intensity_window`."""
+        idx = torch.stack(torch.meshgrid(*[torch.linspace(0, s - 1, 24) for s in self.settings.shape],
+                                         indexing="ij"), -1).reshape(1, -1, 3)
+        lab = self._lookup(lm, m, None, idx)[0]
         vals = means[lab] + stds[lab] * torch.randn(lab.shape, generator=g).to(self.device)
-        vals = vals.clamp_min(0).cpu().numpy()
-        lo = float(np.percentile(vals, self.settings.percentiles[0]))
-        above = vals[vals > lo]
-        hi = float(np.percentile(above, self.settings.percentiles[1])) if above.size else lo + 1
-        return lo, max(hi, lo + 1e-3)
+        return intensity_window(vals.clamp_min(0).cpu().numpy(), self.settings.percentiles)
 
     def volume(self, seed: int, map_index: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """A whole conformed volume (image, classes), coronal slice by coronal slice, with one
-        random draw for the whole volume (for validation on held-out maps)."""
+        """A whole conformed volume (image, classes) with one random draw for the whole volume
+        (for validation on held-out maps); classes are the targets' most likely class."""
         shape = self.settings.shape
         spec = get_view("coronal")
         img = np.zeros(shape, np.float32)
         cls = np.zeros(shape, np.uint8)
         for k in range(shape[spec.axis]):
-            i, c = self.sample("coronal", seed, slice_index=k, map_index=map_index)
-            img[:, :, k], cls[:, :, k] = i, c
+            i, t = self.sample("coronal", seed, slice_index=k, map_index=map_index)
+            spec.slice_of(img, k)[...] = i
+            spec.slice_of(cls, k)[...] = t.argmax(0)
         return img, cls
+
+
+def _sample_coarse(vol: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Trilinear sample of a coarse (1, C, d, d, d) field at normalised points (P, 3) -> (C, P)."""
+    gg = norm[:, [2, 1, 0]].float().view(1, -1, 1, 1, 3)
+    return F.grid_sample(vol, gg, mode="bilinear", padding_mode="border", align_corners=True)[0, :, :, 0, 0]
 
 
 def _blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -283,66 +385,3 @@ def _blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
     t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     t = F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
     return t[0, 0]
-
-
-class SynthSliceDataset(torch.utils.data.Dataset):
-    """Synthetic training slices of one view, seeded by (seed, epoch, index).
-
-    Items match :class:`~quicknat.data.slices.SliceDataset`: image (1, H, W), label (H, W) in
-    the view's scheme, and QuickNAT's weight map. ``crop`` takes a random window of that size
-    centred on a random foreground pixel (1 mm resolution kept, a fraction of the cost).
-    """
-
-    def __init__(self, synth: LabelMapSynth, view: str, class_weights: np.ndarray, edge_weight: float,
-                 length: int, seed: int = 0, crop: int | None = None):
-        from .slices import weight_map
-
-        self._weight_map = weight_map
-        self.synth = synth
-        self.spec = get_view(view)
-        full = synth.scheme
-        self.merge = full.lr_merge_index() if self.spec.merge_lr else np.arange(full.num_classes)
-        self.class_weights = np.asarray(class_weights, dtype=np.float32)
-        self.edge_weight = edge_weight
-        self.length = length
-        self.seed = seed
-        self.epoch = 0
-        self.crop = crop
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        s = (self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**31)
-        img, cls = self.synth.sample(self.spec.name, s)
-        cls = self.merge[cls]
-        if self.crop:
-            rng = np.random.default_rng(s)
-            fg = np.argwhere(cls > 0)
-            h, w = cls.shape
-            c = fg[rng.integers(len(fg))] if len(fg) else np.array([h // 2, w // 2])
-            y0 = int(np.clip(c[0] - self.crop // 2, 0, max(0, h - self.crop)))
-            x0 = int(np.clip(c[1] - self.crop // 2, 0, max(0, w - self.crop)))
-            img, cls = img[y0 : y0 + self.crop, x0 : x0 + self.crop], cls[y0 : y0 + self.crop, x0 : x0 + self.crop]
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
-            "label": torch.from_numpy(np.ascontiguousarray(cls)),
-            "weight": torch.from_numpy(self._weight_map(cls, self.class_weights, self.edge_weight)),
-        }
-
-
-class SynthVolumes:
-    """Whole synthetic volumes from held-out label maps with fixed seeds (validation set);
-    quacks like :class:`~quicknat.data.slices.VolumeCache` for the training engine."""
-
-    def __init__(self, synth: LabelMapSynth, ids: list[str], seeds: list[int]):
-        self.scheme = synth.scheme
-        self.ids = ids
-        self.images, self.classes = [], []
-        for k, seed in enumerate(seeds):
-            img, cls = synth.volume(seed, map_index=k)
-            self.images.append(img)
-            self.classes.append(cls)

@@ -1,0 +1,53 @@
+"""Devices and the distributed-training helpers that inference and training share."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from .errors import QuicknatInputError
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise QuicknatInputError(None, f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuicknatInputError(None, "--device cuda was asked for, but no CUDA device is available")
+    return dev
+
+
+def dist_setup(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the process group under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """True on rank 0, and in a process that is not distributed."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sync_buffers(net: torch.nn.Module) -> None:
+    """Make every rank's batch-norm running statistics rank 0's.
+
+    DDP broadcasts buffers *before* each forward pass, so after the last step of an epoch each
+    rank holds statistics updated by its own batch; this aligns them, so all replicas are equal.
+    """
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for b in net.buffers():
+            dist.broadcast(b.data, src=0)

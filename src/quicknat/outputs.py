@@ -1,0 +1,212 @@
+"""Outputs of segmentation, and running it over files and folders.
+
+:func:`write_outputs` writes one scan's files, all or nothing (see its docstring for files and
+columns); :func:`find_scans` expands files and folders; :func:`segment_files` runs a
+:class:`~quicknat.segment.Segmenter` over them with I/O streamed beside compute, a failing scan
+recorded and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import Model
+from .errors import QuicknatError, QuicknatInputError
+from .io import Volume, atomic_paths, csv_text, is_volume_file, load_volume, save_volume, stem
+from .labels import ASEG_TO_TISSUE, merge_labels
+from .report import save_overlay
+from .segment import SegmentationResult, Segmenter
+
+log = logging.getLogger(__name__)
+
+
+def write_outputs(
+    result: SegmentationResult,
+    outdir: str | Path,
+    name: str,
+    tissue: bool = False,
+    overlay: bool = True,
+) -> list[Path]:
+    """Write one scan's outputs; returns the paths. Files (``<name>`` = the scan's stem):
+
+    * ``<name>_seg.nii.gz``: label IDs, int16, the input's shape, affine and header.
+    * ``<name>_volumes.csv``: structure, label, voxels, volume_mm3 (every class, then Total).
+    * ``<name>_qc.csv`` (MC dropout): structure, label, mean/std volume, cv, iou, passes.
+    * ``<name>_overlay.png``: the scan and segmentation in three planes.
+    * ``<name>_tissue.nii.gz`` (``tissue``): aseg33 merged to 1 CSF, 2 GM, 3 WM.
+    * ``<name>_posteriors.nii.gz``: class probabilities, 4D (X, Y, Z, C), float32.
+    * ``<name>_uncertainty.nii.gz``: voxel-wise entropy of the mean probability (nats).
+    """
+    outdir = Path(outdir)
+    vol = result.volume
+    written: list[Path] = []
+
+    with atomic_paths() as staged:
+
+        def stage(suffix: str) -> Path:
+            written.append(outdir / f"{name}_{suffix}")
+            return staged(written[-1])
+
+        labels = result.labels
+        save_volume(labels, vol.affine, stage("seg.nii.gz"), header=vol.header, dtype=np.int16)
+        (stage("volumes.csv")).write_text(csv_text(result.volumes()))
+        if result.qc is not None:
+            stage("qc.csv").write_text(csv_text(result.qc))
+        if tissue:
+            if result.scheme.name != "aseg33":
+                raise QuicknatError(f"--tissue needs an aseg33 model, not {result.scheme.name!r}")
+            save_volume(merge_labels(labels, ASEG_TO_TISSUE), vol.affine, stage("tissue.nii.gz"),
+                        header=vol.header, dtype=np.int16)
+        if result.posteriors is not None:
+            post = np.moveaxis(result.posteriors, 0, -1).astype(np.float32, copy=False)  # a view, no 2nd copy
+            save_volume(post, vol.affine, stage("posteriors.nii.gz"), dtype=np.float32)
+        if result.uncertainty is not None:
+            unc_path = stage("uncertainty.nii.gz")
+            save_volume(result.uncertainty, vol.affine, unc_path, header=vol.header, dtype=np.float32)
+        if overlay:
+            save_overlay(
+                None, None, stage("overlay.png"), scheme=result.scheme,
+                conformed=(result.conformed_image, result.conformed_classes), title=name,
+            )
+    return written
+
+
+def find_scans(inputs: Iterable[str | Path]) -> list[tuple[Path, bool]]:
+    """Expand files and folders into (scan path, came from a folder) pairs, sorted per folder."""
+    out: list[tuple[Path, bool]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and is_volume_file(q) and not q.name.startswith("."))
+            out.extend((q, True) for q in found)
+        else:
+            out.append((p, False))
+    return out
+
+
+def example_scan() -> Path:
+    """The bundled example: nilearn's MNI152 2009 T1 template (1 mm), shipped with nilearn."""
+    from nilearn.datasets import load_mni152_template
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "quicknat"
+    path = cache / "mni152_t1_1mm.nii.gz"
+    if not path.exists():
+        img = load_mni152_template(resolution=1)
+        from .io import save_volume
+
+        save_volume(np.asarray(img.get_fdata(), dtype=np.float32), img.affine, path, dtype=np.float32)
+    return path
+
+
+@dataclass
+class ScanOutcome:
+    path: Path
+    outputs: list[Path] = field(default_factory=list)
+    error: str | None = None
+    from_folder: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def segment_files(
+    inputs: Sequence[str | Path],
+    outdir: str | Path | None = None,
+    *,
+    model: Model | str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    mc: int = 0,
+    tissue: bool = False,
+    posteriors: bool = False,
+    uncertainty: bool = False,
+    overlay: bool = True,
+    amp: bool = False,
+    progress: bool = False,
+    segmenter: Segmenter | None = None,
+    stream: bool = True,
+) -> list[ScanOutcome]:
+    """Segment scans (files or folders); a scan that fails is recorded and skipped.
+
+    The model is loaded before any scan is read, so a missing model fails once, up front.
+    With ``stream`` (the default), I/O overlaps compute: the next scan is read in one thread and
+    the previous scan's outputs are written in another while the current scan is segmented; at
+    most one scan is read ahead and one result waits to be written. ``stream=False`` does one
+    thing at a time (the reference: both write the same files).
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp)
+    if not inputs:
+        inputs = [example_scan()]
+    outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
+    scans = find_scans(inputs)
+    outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
+
+    def load(path: Path) -> tuple[Volume, float]:
+        t = time.perf_counter()
+        return load_volume(path), time.perf_counter() - t
+
+    def write(oc: ScanOutcome, res: SegmentationResult) -> None:
+        t = time.perf_counter()
+        oc.outputs = write_outputs(res, outdir, stem(oc.path), tissue=tissue, overlay=overlay)
+        res.timings["write"] = time.perf_counter() - t
+        oc.timings = res.timings
+
+    def settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
+        """Run ``job``; a failure becomes the scan's error (and None is returned)."""
+        try:
+            return job()
+        except (QuicknatInputError, QuicknatError) as exc:
+            oc.error = str(exc)
+        except Exception as exc:  # one bad scan must not stop a cohort
+            log.debug("failure on %s", oc.path, exc_info=True)
+            oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return None
+
+    def finish(oc: ScanOutcome, job: Future | None) -> None:
+        if job is not None:
+            settle(oc, job.result)
+        log.info("%s: %s", oc.path, oc.error or f"wrote {len(oc.outputs)} files")
+
+    def compute(reading: Future) -> SegmentationResult:
+        vol, seconds = reading.result()
+        res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
+        res.timings["load"] = seconds
+        return res
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+
+        def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
+            if stream:
+                return pool.submit(fn, *args)
+            done: Future = Future()  # one thing at a time: run it now
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:
+                done.set_exception(exc)
+            return done
+
+        reading = submit(reader, load, outcomes[0].path) if outcomes else None
+        writing: tuple[ScanOutcome, Future] | None = None
+        for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
+            current = reading
+            reading = submit(reader, load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
+            res = settle(oc, lambda current=current: compute(current))
+            if writing is not None:  # at most one result waits to be written
+                finish(*writing)
+                writing = None
+            if res is not None:
+                writing = (oc, submit(writer, write, oc, res))
+            else:
+                finish(oc, None)
+        if writing is not None:
+            finish(*writing)
+    return outcomes

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import pytest
+
+from quicknat.config import TrainConfig, load_config
+from quicknat.data.synth import SynthConfig
+from quicknat.errors import QuicknatInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_synth_is_a_typed_validated_part(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("synth:\n  random_share: 0.4\n  priors: some/folder\n")
+    cfg = load_config(p)
+    assert isinstance(cfg.synth, SynthConfig) and cfg.synth.random_share == 0.4 and cfg.synth.priors == "some/folder"
+    assert cfg.synth.strip_prob == SynthConfig().strip_prob  # unset keys keep their defaults
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert load_config(tmp_path / "c.yaml").to_yaml() == cfg.to_yaml()
+    for bad, word in (("synth:\n  nosuch: 1\n", "nosuch"), ("synth:\n  strip_prob: 3\n", "probability"),
+                      ("synth:\n  mean_range: [200, 10]\n", "mean_range")):
+        p.write_text(bad)
+        with pytest.raises(QuicknatInputError, match=word):
+            load_config(p)
+
+
+def test_shipped_recipes_load():
+    for name in ("synth_cpu_v2.yaml", "synth_gpu.yaml", "quicknat_paper.yaml", "finetune.yaml"):
+        cfg = load_config(ROOT / "configs" / name)
+        assert cfg.epochs >= 1
+    v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
+    assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
+
+
+def test_old_t1_share_key_still_reads():
+    assert SynthConfig.from_dict({"t1_share": 0.8}).random_share == pytest.approx(0.2)
