@@ -124,6 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--baseline", default=None, help="model (default: the shipped one)")
     ap.add_argument("--candidate", default=None, help="a second model to compare")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="OPTS",
+                    help="more candidate columns with Segmenter options, e.g. flip clean flip,clean")
     ap.add_argument("--held-out", nargs="+", default=["training_seg_19", "training_seg_20"])
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--priors", type=Path, default=SHARED / "synthseg_priors")
@@ -131,15 +133,18 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("default_model_check"))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    models = {"baseline": args.baseline}
+    models: dict[str, tuple[str | None, dict[str, bool]]] = {"baseline": (args.baseline, {})}
     if args.candidate:
-        models["candidate"] = args.candidate
+        models["candidate"] = (args.candidate, {})
+        for v in args.variants:
+            opts = {o: True for o in v.split(",")}
+            models["candidate+" + "+".join(opts)] = (args.candidate, opts)
     table: dict[str, dict[str, float]] = {}
     per_structure: dict[str, dict[str, float]] = {}
-    for tag, path in models.items():
+    for tag, (path, opts) in models.items():
         t = time.perf_counter()
         model = load_model(path)
-        seg = Segmenter(model, device=args.device)
+        seg = Segmenter(model, device=args.device, **opts)
         print(f"{tag}: {model.path}")
         col: dict[str, float] = {}
         real = real_scan(seg)

@@ -1,40 +1,89 @@
-"""Training throughput of one view: slices per second at 256x256 with 64 filters (QuickNAT's
-loss, SGD), on this CPU and on a GPU where present, with peak memory; MONAI's Quicknat (same
-filters and classes) is timed in the same run as the peer.
+"""Training throughput of one view: where the time of a synthetic training step goes.
 
-    python bench/train_speed.py [--device cpu|cuda] [--filters 64] [--size 256] [--batch 4] [--steps 5]
+    python bench/train_speed.py [--device cpu|cuda] [--filters 16] [--size 128] [--batch 8] [--steps 4]
+                                [--threads 2] [--config configs/synth_cpu_v2.yaml]
+
+Prints, in one run, slices per second of:
+
+* the network alone (forward, QuickNAT loss on soft targets, backward, Adam step), ours and
+  MONAI's ``Quicknat`` (same filters and classes) as the peer, contiguous and channels-last;
+* the synthetic generator alone (``LabelMapSynth.sample`` plus the weight map, as the data set
+  does), on ../shared/data/label_maps when present, else phantoms;
+* both together, as ``quicknat train`` runs them (generator in the main process);
+
+and the FLOP floor: forward+backward FLOPs per slice (3x the forward's, counted from the
+convolution shapes) against the machine's measured float32 matmul rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from quicknat.config import load_config
+from quicknat.data.phantom import make_phantom
+from quicknat.data.slices import weight_map
+from quicknat.data.synth import LabelMapSynth
+from quicknat.io import load_volume
+from quicknat.labels import ASEG33
 from quicknat.losses import QuickNATLoss
 from quicknat.model import QuickNAT, QuickNATConfig
 
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
-def run(net: torch.nn.Module, dev: torch.device, size: int, batch: int, steps: int, classes: int, amp: bool) -> float:
+
+def conv_flops(net: torch.nn.Module, size: int, dev: torch.device) -> float:
+    """Forward FLOPs of one slice (2 x multiply-adds of every convolution)."""
+    total = 0.0
+
+    def hook(mod, _inp, out):
+        nonlocal total
+        k = mod.kernel_size[0] * mod.kernel_size[1]
+        total += 2.0 * (out.numel() / out.shape[0]) * (mod.in_channels / mod.groups) * k
+
+    hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net.eval()(torch.zeros((1, 1, size, size), device=dev))
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def matmul_rate(dev: torch.device) -> float:
+    a = torch.randn((1024, 1024), device=dev)
+    for _ in range(3):
+        a @ a
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ a
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return n * 2 * 1024**3 / (time.perf_counter() - t)
+
+
+def network_rate(net, dev, size, batch, steps, classes, channels_last) -> float:
     loss_fn = QuickNATLoss()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.95)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(dev, memory_format=fmt).train()
     g = torch.Generator().manual_seed(0)
-    x = torch.rand((batch, 1, size, size), generator=g).to(dev)
-    y = torch.randint(0, classes, (batch, size, size), generator=g).to(dev)
-    w = torch.ones((batch, size, size)).to(dev)
-    net.train()
+    x = torch.rand((batch, 1, size, size), generator=g).to(dev).contiguous(memory_format=fmt)
+    y = torch.softmax(torch.randn((batch, classes, size, size), generator=g), 1).to(dev)
+    w = torch.ones((batch, size, size), device=dev)
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            logits = net(x)
-        loss, _ = loss_fn(logits, y, w)
+        loss, _ = loss_fn(net(x), y, w)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    step()  # warm-up
+    step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -45,33 +94,66 @@ def run(net: torch.nn.Module, dev: torch.device, size: int, batch: int, steps: i
     return steps * batch / (time.perf_counter() - t)
 
 
+def generator(config: Path, size: int) -> LabelMapSynth:
+    cfg = load_config(config) if config.exists() else None
+    files = sorted((SHARED / "label_maps").glob("*.nii*"))[:4]
+    maps = [(v.array, v.affine) for v in map(load_volume, files)]
+    if not maps:
+        _, lab = make_phantom((200, 200, 200), seed=0, head_radius=90)
+        maps = [(lab.array, lab.affine)]
+    settings = cfg.conform if cfg else None
+    synth = cfg.synth if cfg else None
+    if synth is not None and synth.priors and not Path(synth.priors).exists():
+        from dataclasses import replace
+
+        synth = replace(synth, priors=None)
+    return LabelMapSynth(maps, ASEG33, settings, synth)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--filters", type=int, default=64)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--classes", type=int, default=33)
+    ap.add_argument("--filters", type=int, default=16)
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synth_cpu_v2.yaml")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    amp = dev.type == "cuda"
-    ours = QuickNAT(QuickNATConfig(num_classes=args.classes, num_filters=args.filters)).to(dev)
-    ours_rate = run(ours, dev, args.size, args.batch, args.steps, args.classes, amp)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    gpu = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+    classes = ASEG33.num_classes
+    rows = []
+    ours = QuickNAT(QuickNATConfig(num_classes=classes, num_filters=args.filters))
+    for cl in (False, True):
+        rows.append((f"network, quicknat{' channels-last' if cl else ''}",
+                     network_rate(ours, dev, args.size, args.batch, args.steps, classes, cl)))
     from monai.networks.nets import Quicknat
 
-    peer = Quicknat(num_classes=args.classes, num_channels=1, num_filters=args.filters, se_block="None",
-                    drop_out=0.2).to(dev)
-    peer_rate = run(peer, dev, args.size, args.batch, args.steps, args.classes, amp)
+    peer = Quicknat(num_classes=classes, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0.2)
+    rows.append(("network, MONAI Quicknat (peer)", network_rate(peer, dev, args.size, args.batch, args.steps,
+                                                                 classes, False)))
+    synth = generator(args.config, args.size)
+    n = args.batch * args.steps
+    weights = np.ones(classes, np.float32)
+    t = time.perf_counter()
+    for k in range(n):
+        img, target = synth.sample(("coronal", "axial", "sagittal")[k % 3], seed=k)
+        weight_map(target.argmax(0), weights, 2.0)
+    gen_rate = n / (time.perf_counter() - t)
+    rows.append(("generator alone (sample + weight map)", gen_rate))
+    net_rate = rows[0][1]
+    rows.append(("both, in one process (estimate 1/(1/a+1/b))", 1.0 / (1.0 / net_rate + 1.0 / gen_rate)))
+    flops = 3 * conv_flops(ours, args.size, dev)
+    rate = matmul_rate(dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"\ntraining throughput, one view, {args.size}x{args.size}, {args.filters} filters, batch {args.batch}, "
-          f"{name}")
-    print(f"{'network':<26}{'slices/s':>10}{'ratio':>8}")
-    print(f"{'quicknat (this)':<26}{ours_rate:>10.2f}{1.0:>8.2f}")
-    print(f"{'MONAI Quicknat (peer)':<26}{peer_rate:>10.2f}{peer_rate / ours_rate:>8.2f}")
-    print(f"peak RSS {rss:.0f} MB" + (f", peak GPU memory {gpu:.0f} MB (quicknat run)" if gpu else ""))
+    print(f"\ntraining throughput, {args.size}x{args.size}, {args.filters} filters, batch {args.batch}, {name}")
+    print(f"{'stage':<46}{'slices/s':>10}")
+    for label, r in rows:
+        print(f"{label:<46}{r:>10.2f}")
+    print(f"\nforward+backward: {flops / 1e9:.2f} GFLOP per slice; float32 matmul rate {rate / 1e9:.0f} GFLOP/s; "
+          f"floor {rate / flops:.1f} slices/s; the network runs at {100 * net_rate * flops / rate:.0f} % of it")
 
 
 if __name__ == "__main__":

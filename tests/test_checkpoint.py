@@ -125,3 +125,25 @@ def test_shipped_default_model():
         stages = [s["recipe"] for s in ck.provenance["stages"]]
         assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml"]
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
+
+
+def test_export_gathers_views_for_shipping(tmp_path, tiny_model):
+    import json
+
+    from quicknat.checkpoint import load_model
+    from quicknat.cli import main
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"recipe": "test recipe", "bench": {"real": 0.5}}))
+    # the coronal view taken from a second source replaces the first's
+    assert main(["export", str(tiny_model), str(tiny_model / "coronal" / "last.pt"), "-o", str(tmp_path / "m"),
+                 "--provenance", str(card)]) == 0
+    m = load_model(tmp_path / "m")
+    assert set(m.views) == {"coronal", "axial", "sagittal"}
+    for ck in m.views.values():
+        assert ck.training_state is None and ck.provenance["recipe"] == "test recipe"
+        stored = torch.load(ck.path, weights_only=True)["state_dict"].values()
+        assert all(t.dtype == torch.float16 for t in stored if t.is_floating_point())
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    card.write_text("[1, 2]")
+    assert main(["export", str(tiny_model), "-o", str(tmp_path / "y"), "--provenance", str(card)]) == 2

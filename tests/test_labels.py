@@ -48,7 +48,7 @@ def test_sagittal_merge_and_expand():
     assert len(set(idx.tolist())) == 19
     # expansion: a merged probability map is copied to both sides
     p = np.random.default_rng(0).random((2, 19))
-    full = p[:, ASEG33.lr_expand_index()]
+    full = p[:, ASEG33.lr_merge_index()]
     assert np.array_equal(full[:, left], full[:, right])
     # merged scheme encodes both sides' IDs to one class
     cls, unk = merged.encode(np.array([17, 53, 16]))

@@ -3,6 +3,7 @@ import csv
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import TEST_CONFORM, TEST_SCHEME, dice_per_class, phantom_files
 
 from quicknat.checkpoint import Model, load_model
@@ -111,3 +112,43 @@ def test_deterministic_and_batch_size_invariant(tmp_path, tiny_model):
 
 def test_conform_settings_come_from_the_model(segmenter):
     assert segmenter.settings == TEST_CONFORM and segmenter.scheme == TEST_SCHEME
+
+
+def test_flip_averaging_is_left_right_equivariant(tmp_path, tiny_model):
+    from helpers import TEST_SCHEME, conformed_pair
+
+    from quicknat.checkpoint import load_model, save_model
+
+    # the coronal view alone: with flip averaging, mirroring the input mirrors the output
+    # (sides swapped) exactly; without it, only approximately
+    folder = tmp_path / "coronal_only"
+    folder.mkdir()
+    (folder / "coronal.pt").write_bytes((tiny_model / "coronal.pt").read_bytes())
+    save_model(folder, {"coronal": folder / "coronal.pt"})
+    model = load_model(folder)
+    img, _, _, _ = conformed_pair(4, TEST_SCHEME, model.conform, shape=(64, 64, 64), spacing=(2.5, 2.5, 2.5))
+    swap = torch.as_tensor(TEST_SCHEME.lr_swap_index())
+    errors = {}
+    for flip in (False, True):
+        seg = Segmenter(model, device="cpu", flip=flip)
+        p = seg.probabilities(img)
+        q = seg.probabilities(np.ascontiguousarray(img[::-1]))
+        errors[flip] = float((q.flip(1)[swap] - p).abs().max())
+    assert errors[True] < 1e-4 < errors[False], errors
+
+
+def test_keep_brain_component_drops_a_scalp_rim_and_keeps_the_brain():
+    from quicknat.segment import keep_brain_component
+
+    zz, yy, xx = np.mgrid[:40, :40, :40]
+    d = (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2
+    brain, rim = d <= 10**2, (d <= 14**2) & (d >= 13**2)  # a rim 3 voxels off the brain ...
+    bridge = (zz == 20) & (yy == 20) & (xx >= 28) & (xx <= 34)  # ... joined to it by a thin bridge
+    labelled = torch.from_numpy(brain | rim | bridge)
+    probs = torch.zeros((3, 40, 40, 40))
+    probs[0] = 1
+    probs[:, labelled] = torch.tensor([0.1, 0.6, 0.3])[:, None]
+    removed = keep_brain_component(probs, voxel_size=2.0)
+    out = (probs.argmax(0) > 0).numpy()
+    assert (out & brain).sum() == brain.sum() and not (out & rim).any() and removed >= rim.sum()
+    assert torch.allclose(probs.sum(0), torch.ones(40, 40, 40))

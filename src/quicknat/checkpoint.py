@@ -29,7 +29,7 @@ import io as _io
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,32 @@ class Model:
         return next(iter(self.views.values())).conform
 
 
+def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, reset_classifier: bool) -> None:
+    """Load a pre-trained view checkpoint (a file, or a model folder's ``VIEW.pt``) into ``net``
+    (fine-tuning); with ``reset_classifier`` a checkpoint of another label scheme gives all but
+    the classifier."""
+    path = Path(init)
+    if path.is_dir():
+        path = path / f"{view}.pt"
+    ck = load_checkpoint(path)
+    if ck.view != view:
+        raise QuicknatInputError(path, f"holds the {ck.view} view, not {view}")
+    ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout)
+    if ours != ck.config:
+        raise QuicknatInputError(path, "architecture differs from this run's (filters, kernel, SE or depth)")
+    if ck.scheme != scheme and not reset_classifier:
+        raise QuicknatInputError(
+            path, f"label scheme {ck.scheme.name!r} differs from the data's {scheme.name!r}; "
+            "pass --reset-classifier to re-initialise the classifier"
+        )
+    state = dict(ck.state_dict)
+    if ck.scheme != scheme:
+        own = net.state_dict()
+        for k in ("classifier.weight", "classifier.bias"):
+            state[k] = own[k]
+    net.load_state_dict(state, strict=True)
+
+
 def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: dict[str, float] | None = None) -> Path:
     """Write ``model.json`` in ``folder`` naming view checkpoint files (relative to it)."""
     folder = Path(folder)
@@ -200,6 +226,34 @@ def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: 
     }
     atomic_write_text(folder / "model.json", json.dumps(spec, indent=2) + "\n")
     return folder / "model.json"
+
+
+def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict[str, Any] | None = None,
+                 half: bool = True) -> Path:
+    """Gather view checkpoints into a model folder for shipping: weights only (float16 by
+    default), without training state, ``provenance`` merged into each view's provenance.
+
+    ``sources`` are checkpoint files or run/model folders (their ``VIEW.pt`` files); each
+    checkpoint says which view it holds, and a later source's view replaces an earlier one's.
+    """
+    out = Path(out)
+    found: dict[str, ViewCheckpoint] = {}
+    for src in map(Path, sources):
+        files = [src / f"{v}.pt" for v in VIEWS if (src / f"{v}.pt").exists()] if src.is_dir() else [src]
+        if not files:
+            raise QuicknatInputError(src, "holds no view checkpoint (coronal.pt, axial.pt, sagittal.pt)")
+        for f in files:
+            ck = load_checkpoint(f)
+            found[ck.view] = ck
+    views = {v: found[v] for v in VIEWS if v in found}
+    model = Model(views, {v: VIEWS[v].weight for v in views}, out)  # schemes and conform settings agree
+    paths = {}
+    for view, ck in views.items():
+        ck.training_state = None
+        ck.provenance = {**ck.provenance, **(provenance or {})}
+        paths[view] = save_checkpoint(ck, out / f"{view}.pt", half=half)
+    save_model(out, paths, model.weights)
+    return out
 
 
 def installed_models() -> dict[str, Path]:

@@ -7,6 +7,7 @@ Every subcommand shares the same meaning for ``--device``, ``--batch-size``, ``-
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -32,26 +33,7 @@ def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="quicknat", description="Fast whole-brain segmentation of T1 MRI with QuickNAT.")
-    parser.add_argument("--version", action="version", version=f"quicknat {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    p = sub.add_parser("segment", help="segment T1 scans (files or folders)")
-    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
-                   help="scans or folders of scans; none: the bundled example scan")
-    p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: ./quicknat_out)")
-    p.add_argument("--model", default=None, help="installed model name or a model folder/checkpoint")
-    p.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo dropout passes for QC")
-    p.add_argument("--tissue", action="store_true", help="also write the tissue (CSF/GM/WM) segmentation")
-    p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
-    p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
-    p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
-    p.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
-    _common(p)
-    p.set_defaults(func=_cmd_segment)
-
+def _add_prepare_parsers(sub) -> None:
     p = sub.add_parser("prepare", help="prepare a data set (OASIS-1, FreeSurfer subjects, label maps)")
     psub = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
     q = psub.add_parser("oasis", help="download, check, extract and convert OASIS-1; write manifest.json")
@@ -76,6 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a real labelled scan for validation (repeatable); the best epoch is the best on these")
     _split_flags(q)
     q.set_defaults(func=_cmd_prepare_labelmaps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quicknat", description="Fast whole-brain segmentation of T1 MRI with QuickNAT.")
+    parser.add_argument("--version", action="version", version=f"quicknat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("segment", help="segment T1 scans (files or folders)")
+    p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
+                   help="scans or folders of scans; none: the bundled example scan")
+    p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: ./quicknat_out)")
+    p.add_argument("--model", default=None, help="installed model name or a model folder/checkpoint")
+    p.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo dropout passes for QC")
+    p.add_argument("--tissue", action="store_true", help="also write the tissue (CSF/GM/WM) segmentation")
+    p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
+    p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
+    p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
+    p.add_argument("--flip", action="store_true",
+                   help="test-time left-right flip averaging (coronal and axial views; ~1.8x network time)")
+    p.add_argument("--clean", action="store_true",
+                   help="keep only the brain: labels off its largest connected component become background")
+    p.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
+    _common(p)
+    p.set_defaults(func=_cmd_segment)
+
+    _add_prepare_parsers(sub)
 
     p = sub.add_parser("train", help="train QuickNAT views on a manifest")
     p.add_argument("manifest", type=Path, help="manifest.json (or its folder)")
@@ -119,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="HTML file (default: FOLDER/report.html)")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("export", help="gather view checkpoints into a model folder for shipping (float16)")
+    p.add_argument("sources", nargs="+", type=Path, help="checkpoints or run folders; later ones replace a view")
+    p.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
+    p.add_argument("--provenance", type=Path, default=None,
+                   help="JSON object merged into each view's provenance (the model card's facts)")
+    p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
@@ -131,21 +149,21 @@ def _split_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_prepare_oasis(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_oasis
 
-    path = prepare_oasis(args.root, args.discs, args.url, args.md5, args.labels, args.seed, args.resplit,
-                         progress=sys.stderr.isatty())
+    path = prepare_oasis(args.root, discs=args.discs, url=args.url, md5=args.md5, labels=args.labels,
+                         seed=args.seed, resplit=args.resplit, progress=sys.stderr.isatty())
     return _report_manifest(path)
 
 
 def _cmd_prepare_freesurfer(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_freesurfer
 
-    return _report_manifest(prepare_freesurfer(args.subjects_dir, args.output, args.seed, args.resplit))
+    return _report_manifest(prepare_freesurfer(args.subjects_dir, args.output, seed=args.seed, resplit=args.resplit))
 
 
 def _cmd_prepare_labelmaps(args: argparse.Namespace) -> int:
     from .data.prepare import prepare_labelmaps
 
-    return _report_manifest(prepare_labelmaps(args.folder, args.output, args.seed, args.resplit,
+    return _report_manifest(prepare_labelmaps(args.folder, args.output, seed=args.seed, resplit=args.resplit,
                                               holdout=args.holdout, validation_scans=args.validation_scan))
 
 
@@ -182,10 +200,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.manifest is not None:
         out = args.output or Path("quicknat_eval")
-        path, summary = evaluate_model(args.model, args.manifest, args.split, out, args.device, args.batch_size,
-                                       args.mc)
+        path, summary = evaluate_model(args.model, args.manifest, split=args.split, out=out, device=args.device,
+                                       batch_size=args.batch_size, mc=args.mc)
     elif args.pred is not None and args.ref is not None:
-        path, summary = evaluate_files(args.pred, args.ref, args.scheme, args.output, args.resample)
+        path, summary = evaluate_files(args.pred, args.ref, args.scheme, out=args.output, resample=args.resample)
     else:
         print("quicknat: error: give --pred and --ref, or --manifest (with --model)", file=sys.stderr)
         return 2
@@ -194,9 +212,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_model
+
+    extra = None
+    if args.provenance is not None:
+        try:
+            extra = json.loads(args.provenance.read_text())
+        except (OSError, ValueError) as exc:
+            raise QuicknatInputError(args.provenance, f"cannot read provenance JSON ({exc})") from None
+        if not isinstance(extra, dict):
+            raise QuicknatInputError(args.provenance, "provenance must be a JSON object")
+    out = export_model(args.sources, args.output, provenance=extra, half=not args.float32)
+    print(f"wrote model to {out}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
-    from .train import plot_history
+    from .report import build_report, plot_history
 
     plot_history(args.folder)
     out = build_report(args.folder, args.output or args.folder / "report.html")
@@ -229,6 +262,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         uncertainty=args.uncertainty,
         overlay=not args.no_overlay,
         amp=args.amp,
+        flip=args.flip,
+        clean=args.clean,
         progress=sys.stderr.isatty(),
     )
     failed = [o for o in outcomes if o.error]

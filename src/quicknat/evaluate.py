@@ -20,11 +20,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from .data.manifest import load_manifest
 from .errors import QuicknatInputError
 from .io import Volume, atomic_write_text, csv_text, is_volume_file, load_volume, same_grid, stem
 from .labels import ASEG_TO_TISSUE, LabelScheme, get_scheme, merge_labels
 from .metrics import METRICS, StructureScore, evaluate_pair
+from .outputs import write_outputs
+from .resample import resample
+from .segment import Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +70,6 @@ def pair_files(pred: str | Path, ref: str | Path) -> list[tuple[str, Path, Path]
 
 def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto the reference grid (IDs never mixed)."""
-    import torch
-
-    from .resample import resample
-
     m = np.linalg.inv(pred.affine) @ ref.affine  # ref voxel -> pred voxel
     ids, inv = np.unique(np.rint(pred.array).astype(np.int64), return_inverse=True)
     t = torch.from_numpy(inv.reshape(pred.shape).astype(np.float32))
@@ -141,7 +142,7 @@ def _outputs(out: Path | None) -> tuple[Path, Path]:
     return out / "metrics.csv", out / "summary.csv"
 
 
-def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | LabelScheme = "aseg33",
+def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | LabelScheme = "aseg33", *,
                    out: str | Path | None = None, resample: bool = False) -> tuple[Path, list[dict]]:
     """Score a file pair or two folders paired by subject; returns (metrics path, summary)."""
     sch = get_scheme(scheme)
@@ -155,16 +156,12 @@ def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | Label
     return metrics_path, summary
 
 
-def evaluate_model(model, manifest: str | Path, split: str = "test", out: str | Path = "quicknat_eval",
+def evaluate_model(model, manifest: str | Path, *, split: str = "test", out: str | Path = "quicknat_eval",
                    device: str = "auto", batch_size: int | None = None, mc: int = 0) -> tuple[Path, list[dict]]:
     """Segment a manifest split's scans with ``model`` and score them against their labels.
 
     An aseg33 model scored on a tissue data set (OASIS FSL_SEG) is merged to tissue first.
     """
-    from .data.manifest import load_manifest
-    from .outputs import write_outputs
-    from .segment import Segmenter
-
     m = load_manifest(manifest)
     seg = Segmenter(model, device=device, batch_size=batch_size)
     data_scheme = m.label_scheme()

@@ -22,6 +22,8 @@ positive RAS x, on the right of the world.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io as _io
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -239,9 +241,6 @@ def same_grid(a: Volume, b: Volume, atol: float = 1e-3) -> bool:
 
 def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
     """Rows as CSV text; columns from ``fieldnames`` or the first row."""
-    import csv
-    import io as _io
-
     buf = _io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=fieldnames or list(rows[0]), lineterminator="\n")

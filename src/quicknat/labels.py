@@ -17,7 +17,7 @@ Built-ins:
 
 The sagittal network cannot tell left from right (a sagittal slice looks the same on either
 side), so it is trained on :meth:`LabelScheme.merged_lr`, where each left/right pair shares one
-class; :meth:`LabelScheme.lr_expand_index` maps its output back to the full scheme.
+class; :meth:`LabelScheme.lr_merge_index` also maps its output back (``full = merged[:, idx]``) to the full scheme.
 
 ``aseg33`` merges down to ``tissue`` with :data:`ASEG_TO_TISSUE`: cerebral and cerebellar
 cortex and the deep grey nuclei (thalamus, caudate, putamen, pallidum, hippocampus, amygdala,
@@ -201,10 +201,6 @@ class LabelScheme:
     def lr_merge_index(self) -> np.ndarray:
         """For each class of this scheme, its class in :meth:`merged_lr`."""
         return self._merge_plan()[1]
-
-    def lr_expand_index(self) -> np.ndarray:
-        """Index to expand merged-class probabilities to this scheme: ``full = merged[:, idx]``."""
-        return self.lr_merge_index()
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .labels import LabelScheme
+from .resample import bounding_box
 
 METRICS = ("dice", "iou", "hd95", "assd", "volume_pred", "volume_ref", "volume_diff", "volume_similarity")
 
@@ -88,8 +89,6 @@ def dice_onehot(y_pred: torch.Tensor, y: torch.Tensor, include_background: bool 
 
 
 def _box(mask: np.ndarray, margin: int = 2):
-    from .resample import bounding_box
-
     start, stop = bounding_box(mask, margin)
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 

@@ -12,10 +12,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .checkpoint import Model
 from .errors import QuicknatError, QuicknatInputError
@@ -99,10 +101,37 @@ def example_scan() -> Path:
     path = cache / "mni152_t1_1mm.nii.gz"
     if not path.exists():
         img = load_mni152_template(resolution=1)
-        from .io import save_volume
-
         save_volume(np.asarray(img.get_fdata(), dtype=np.float32), img.affine, path, dtype=np.float32)
     return path
+
+
+def _load(path: Path) -> tuple[Volume, float]:
+    t = time.perf_counter()
+    return load_volume(path), time.perf_counter() - t
+
+
+def _settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
+    """Run ``job``; a failure becomes the scan's error (and None is returned)."""
+    try:
+        return job()
+    except (QuicknatInputError, QuicknatError) as exc:
+        oc.error = str(exc)
+    except Exception as exc:  # one bad scan must not stop a cohort
+        log.debug("failure on %s", oc.path, exc_info=True)
+        oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def _submit(pool: ThreadPoolExecutor, stream: bool, fn, *args) -> Future:
+    """``fn(*args)`` in ``pool`` when streaming; else run now, its outcome in a done future."""
+    if stream:
+        return pool.submit(fn, *args)
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args))
+    except Exception as exc:
+        done.set_exception(exc)
+    return done
 
 
 @dataclass
@@ -127,6 +156,8 @@ def segment_files(
     uncertainty: bool = False,
     overlay: bool = True,
     amp: bool = False,
+    flip: bool = False,
+    clean: bool = False,
     progress: bool = False,
     segmenter: Segmenter | None = None,
     stream: bool = True,
@@ -139,20 +170,12 @@ def segment_files(
     most one scan is read ahead and one result waits to be written. ``stream=False`` does one
     thing at a time (the reference: both write the same files).
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp)
+    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean)
     if not inputs:
         inputs = [example_scan()]
     outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
     scans = find_scans(inputs)
     outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
-
-    def load(path: Path) -> tuple[Volume, float]:
-        t = time.perf_counter()
-        return load_volume(path), time.perf_counter() - t
 
     def write(oc: ScanOutcome, res: SegmentationResult) -> None:
         t = time.perf_counter()
@@ -160,20 +183,9 @@ def segment_files(
         res.timings["write"] = time.perf_counter() - t
         oc.timings = res.timings
 
-    def settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
-        """Run ``job``; a failure becomes the scan's error (and None is returned)."""
-        try:
-            return job()
-        except (QuicknatInputError, QuicknatError) as exc:
-            oc.error = str(exc)
-        except Exception as exc:  # one bad scan must not stop a cohort
-            log.debug("failure on %s", oc.path, exc_info=True)
-            oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        return None
-
     def finish(oc: ScanOutcome, job: Future | None) -> None:
         if job is not None:
-            settle(oc, job.result)
+            _settle(oc, job.result)
         log.info("%s: %s", oc.path, oc.error or f"wrote {len(oc.outputs)} files")
 
     def compute(reading: Future) -> SegmentationResult:
@@ -183,28 +195,17 @@ def segment_files(
         return res
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-
-        def submit(pool: ThreadPoolExecutor, fn, *args) -> Future:
-            if stream:
-                return pool.submit(fn, *args)
-            done: Future = Future()  # one thing at a time: run it now
-            try:
-                done.set_result(fn(*args))
-            except Exception as exc:
-                done.set_exception(exc)
-            return done
-
-        reading = submit(reader, load, outcomes[0].path) if outcomes else None
+        reading = _submit(reader, stream, _load, outcomes[0].path) if outcomes else None
         writing: tuple[ScanOutcome, Future] | None = None
         for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
             current = reading
-            reading = submit(reader, load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
-            res = settle(oc, lambda current=current: compute(current))
+            reading = _submit(reader, stream, _load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
+            res = _settle(oc, lambda current=current: compute(current))
             if writing is not None:  # at most one result waits to be written
                 finish(*writing)
                 writing = None
             if res is not None:
-                writing = (oc, submit(writer, write, oc, res))
+                writing = (oc, _submit(writer, stream, write, oc, res))
             else:
                 finish(oc, None)
         if writing is not None:

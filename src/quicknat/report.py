@@ -7,15 +7,20 @@ R and L), the sagittal panel has anterior on the right.
 
 from __future__ import annotations
 
+import base64
+import csv
+import html
 import io as _io
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from .conform import ConformSettings, plan_conform
-from .io import Volume, atomic_write_bytes, same_grid
-from .labels import ASEG33, LabelScheme
+from .errors import QuicknatInputError
+from .io import Volume, atomic_write_bytes, atomic_write_text, csv_text, load_volume, same_grid
+from .labels import ASEG33, ASEG_TO_TISSUE, LabelScheme, merge_labels
 from .views import VIEWS
 
 log = logging.getLogger(__name__)
@@ -118,8 +123,6 @@ def save_overlay(
         colors, names = ASEG33.colors, ASEG33.names
         if seg is not None:
             if not same_grid(seg, image):
-                from .errors import QuicknatInputError
-
                 raise QuicknatInputError(seg.path, "segmentation and image are on different grids")
             compact, ids = _compact(seg.array)
             classes = plan.classes(compact, len(ids))
@@ -141,8 +144,6 @@ def _fallback_colors(n: int) -> np.ndarray:
 
 # -- HTML report ---------------------------------------------------------------------------
 def _png_tag(png: bytes, alt: str, width: str = "100%") -> str:
-    import base64
-
     return f'<img alt="{alt}" style="max-width:{width}" src="data:image/png;base64,{base64.b64encode(png).decode()}"/>'
 
 
@@ -239,17 +240,8 @@ def build_report(folder: str | Path, out: str | Path, title: str | None = None) 
     (``metrics.csv``, ``summary.csv``, ``eval.json``): box plot of test Dice per structure, the
     table of numbers, overlays of the best, median and worst subjects, and MC-dropout QC tables.
     """
-    import csv
-    import html
-    import json
-
-    from .io import load_volume
-    from .views import VIEWS
-
     folder = Path(folder)
     if not folder.is_dir():
-        from .errors import QuicknatInputError
-
         raise QuicknatInputError(folder, "is not a run or evaluation folder")
     parts = [f"<h1>{html.escape(title or 'quicknat report: ' + folder.name)}</h1>"]
     found = False
@@ -286,8 +278,6 @@ def build_report(folder: str | Path, out: str | Path, title: str | None = None) 
                 s = scans[sid]
                 img, pred = load_volume(s["image"]), load_volume(s["pred"])
                 if info.get("merged_to_tissue"):
-                    from .labels import ASEG_TO_TISSUE, merge_labels
-
                     pred = pred.with_array(merge_labels(pred.array, ASEG_TO_TISSUE))
                 png = _overlay_png(img, pred, scheme, f"{label}: {sid} (mean Dice {np.mean(per_subject[sid]):.3f})")
                 parts.append(_png_tag(png, f"{label} subject", "1100px"))
@@ -299,8 +289,6 @@ def build_report(folder: str | Path, out: str | Path, title: str | None = None) 
                     parts.append(f"<h3>MC-dropout QC: {sid}</h3><table><tr><th>structure</th><th>CV of volume</th>"
                                  f"<th>IoU of passes</th></tr>{cells}</table>")
     if not found:
-        from .errors import QuicknatInputError
-
         raise QuicknatInputError(folder, "holds neither training history nor evaluation results")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px} table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right} td:first-child{text-align:left}")
@@ -316,3 +304,21 @@ def _overlay_png(image: Volume, seg: Volume, scheme: LabelScheme, title: str) ->
     classes, _ = scheme.encode(seg.array)
     conf = plan.classes(classes, scheme.num_classes)
     return render_overlay(img, conf, scheme.colors, scheme.names, title)
+
+
+def write_history(history: list[dict], vdir: Path) -> None:
+    """A view's training history as ``history.json`` and ``history.csv``."""
+    atomic_write_text(vdir / "history.json", json.dumps(history, indent=1) + "\n")
+    keys = list(dict.fromkeys(k for h in history for k in h))
+    atomic_write_text(vdir / "history.csv", csv_text(history, keys))
+
+
+def plot_history(rundir: str | Path) -> list[Path]:
+    """Redraw the curves of every view of a run (on demand)."""
+    out = []
+    for v in VIEWS:
+        hp = Path(rundir) / v / "history.json"
+        if hp.exists():
+            atomic_write_bytes(hp.with_name("curves.png"), curves_png(json.loads(hp.read_text()), v))
+            out.append(hp.with_name("curves.png"))
+    return out

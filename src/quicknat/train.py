@@ -35,53 +35,32 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import load_checkpoint, make_checkpoint, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, load_init, make_checkpoint, save_checkpoint, save_model
 from .config import TrainConfig
 from .data.manifest import Manifest, load_manifest
-from .data.slices import TrainingData, ValidationVolumes, real_training_data, volume_slices
+from .data.slices import TrainingData, real_training_data
 from .data.synth_data import synthetic_training_data
 from .device import barrier, dist_setup, is_main, resolve_device, sync_buffers
 from .errors import QuicknatInputError
-from .io import atomic_write_bytes, atomic_write_text, csv_text
+from .io import atomic_write_bytes, atomic_write_text
 from .labels import LabelScheme
 from .losses import QuickNATLoss
-from .metrics import dice_per_class
 from .model import QuickNAT, QuickNATConfig
+from .report import curves_png, write_history
+from .validation import validate_view
 from .views import VIEW_NAMES, get_view
 
 log = logging.getLogger(__name__)
-
-
-# -- validation ----------------------------------------------------------------------------
-@torch.inference_mode()
-def validate_view(net: torch.nn.Module, volumes: ValidationVolumes, view: str, device: torch.device,
-                  batch_size: int = 16, amp: bool = False) -> np.ndarray:
-    """Mean over validation volumes of 3D Dice per class (the view's scheme)."""
-    spec = get_view(view)
-    merge = spec.merge_index(volumes.scheme)
-    num_classes = spec.scheme(volumes.scheme).num_classes
-    net.eval()
-    scores = []
-    for image, classes in zip(volumes.images, volumes.classes):
-        stack = torch.from_numpy(volume_slices(image, view))
-        pred = torch.zeros(stack.shape, dtype=torch.uint8)
-        for i in range(0, len(stack), batch_size):
-            x = stack[i : i + batch_size, None].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                pred[i : i + batch_size] = net(x).argmax(1).to(torch.uint8).cpu()
-        ref = np.moveaxis(merge[np.asarray(classes)], spec.axis, 0)
-        scores.append(dice_per_class(pred.numpy(), ref, num_classes))
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.stack(scores), axis=0) if scores else np.full(num_classes, np.nan)
 
 
 # -- RNG state -------------------------------------------------------------------------------
@@ -153,30 +132,6 @@ def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingDa
                               augment=cfg.augment, **common)
 
 
-def _load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, reset_classifier: bool) -> None:
-    """Start from a pre-trained checkpoint of the same architecture (fine-tuning)."""
-    path = Path(init)
-    if path.is_dir():
-        path = path / f"{view}.pt"
-    ck = load_checkpoint(path)
-    if ck.view != view:
-        raise QuicknatInputError(path, f"holds the {ck.view} view, not {view}")
-    ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout)
-    if ours != ck.config:
-        raise QuicknatInputError(path, "architecture differs from this run's (filters, kernel, SE or depth)")
-    if ck.scheme != scheme and not reset_classifier:
-        raise QuicknatInputError(
-            path, f"label scheme {ck.scheme.name!r} differs from the data's {scheme.name!r}; "
-            "pass --reset-classifier to re-initialise the classifier"
-        )
-    state = dict(ck.state_dict)
-    if ck.scheme != scheme:
-        own = net.state_dict()
-        for k in ("classifier.weight", "classifier.bias"):
-            state[k] = own[k]
-    net.load_state_dict(state, strict=True)
-
-
 def _setup(view: str, manifest: Manifest, rundir: Path, cfg: TrainConfig, device, init, reset_classifier: bool,
            resume: bool) -> _Run:
     """Device and process group, seeds, data, network (from ``init``), optimiser, schedule."""
@@ -199,7 +154,7 @@ def _setup(view: str, manifest: Manifest, rundir: Path, cfg: TrainConfig, device
     net = QuickNAT(QuickNATConfig(num_classes=spec.scheme(scheme).num_classes, num_filters=cfg.num_filters,
                                   kernel_size=cfg.kernel_size, se=cfg.se, dropout=cfg.dropout))
     if init is not None and not resume:
-        _load_init(net, init, view, scheme, reset_classifier)
+        load_init(net, init, view, scheme, reset_classifier)
     net = net.to(dev)
     if dev.type == "cuda" and cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -259,8 +214,6 @@ def _train_epoch(run: _Run, epoch: int, loss_fn: QuickNATLoss, progress: bool,
                  stop_after_steps: int | None) -> dict[str, float]:
     """One epoch of training; returns the mean losses. Soft targets are used when the data
     gives them (synthetic training), class indices otherwise."""
-    from tqdm.auto import tqdm
-
     cfg = run.cfg
     run.model.train()
     sums = {"loss": 0.0, "dice": 0.0, "ce": 0.0}
@@ -329,7 +282,7 @@ def _checkpoint(run: _Run, score: float, per_class: dict[str, float | None]) -> 
         "best": run.best, "history": json.dumps(run.history), "rng": _rng_state(),
     }
     save_checkpoint(ck, run.vdir / "last.pt")
-    _write_history(run.history, run.vdir)
+    write_history(run.history, run.vdir)
     return improved
 
 
@@ -400,22 +353,10 @@ def train_view(
         if writer is not None:
             writer.close()
     if is_main() and run.history:
-        _plot_curves(run.history, run.vdir / "curves.png", view)
+        atomic_write_bytes(run.vdir / "curves.png", curves_png(run.history, view))
     if on_end is not None:
         on_end(run.net)
     return run.rundir / f"{view}.pt"
-
-
-def _plot_curves(history: list[dict], path: Path, view: str) -> None:
-    from .report import curves_png
-
-    atomic_write_bytes(path, curves_png(history, view))
-
-
-def _write_history(history: list[dict], vdir: Path) -> None:
-    atomic_write_text(vdir / "history.json", json.dumps(history, indent=1) + "\n")
-    keys = list(dict.fromkeys(k for h in history for k in h))
-    atomic_write_text(vdir / "history.csv", csv_text(history, keys))
 
 
 def _finished(rundir: Path, view: str, epochs: int) -> bool:
@@ -451,14 +392,3 @@ def train(
     if is_main():
         save_model(rundir, {v: rundir / f"{v}.pt" for v in VIEW_NAMES if (rundir / f"{v}.pt").exists()})
     return rundir
-
-
-def plot_history(rundir: str | Path) -> list[Path]:
-    """Redraw the curves of every view of a run (on demand)."""
-    out = []
-    for v in VIEW_NAMES:
-        hp = Path(rundir) / v / "history.json"
-        if hp.exists():
-            _plot_curves(json.loads(hp.read_text()), Path(rundir) / v / "curves.png", v)
-            out.append(Path(rundir) / v / "curves.png")
-    return out

@@ -58,7 +58,7 @@ class ViewSpec:
 
     def expand_index(self, full: LabelScheme) -> np.ndarray | None:
         """Index that expands this view's class probabilities to ``full`` (None: identity)."""
-        return full.lr_expand_index() if self.merge_lr and full.has_lateral_pairs else None
+        return full.lr_merge_index() if self.merge_lr and full.has_lateral_pairs else None
 
 
 VIEWS: dict[str, ViewSpec] = {

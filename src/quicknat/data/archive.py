@@ -11,6 +11,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 
+from tqdm.auto import tqdm
+
 from ..errors import QuicknatInputError
 
 log = logging.getLogger(__name__)
@@ -30,8 +32,6 @@ def download(url: str, dest: str | Path, md5: str | None = None, progress: bool 
     An existing ``dest`` with the right checksum is kept (nothing is downloaded). A checksum
     mismatch removes the download and raises QuicknatInputError.
     """
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
     if dest.exists():
         if md5 is None or md5sum(dest) == md5.lower():

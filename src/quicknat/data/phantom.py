@@ -67,6 +67,34 @@ def phantom_affine(
     return affine
 
 
+def _place_structures(labels: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> None:
+    """Draw the deep structures (ellipsoids, mirrored for left/right pairs) into ``labels``."""
+    for left_id, right_id, c, r in _STRUCTURES:
+        c = np.array(c) + rng.uniform(-0.015, 0.015, 3)
+        r = np.array(r) * 1.35 * rng.uniform(0.9, 1.1, 3)
+        sides = [(left_id, 0.0)] if right_id is None else [(left_id, -1.0), (right_id, 1.0)]
+        for lab, sx in sides:
+            cx = np.array([c[0] * sx, c[1], c[2]], dtype=np.float32)
+            d = (v - cx[:, None]) / r.astype(np.float32)[:, None]
+            labels[(d**2).sum(0) < 1.0] = lab
+
+
+def _render(image_key: np.ndarray, world: np.ndarray, radius: float, rng: np.random.Generator, bias: float,
+            noise: float) -> np.ndarray:
+    """T1-like intensities of the tissue keys, with a smooth bias field and Rician-like noise."""
+    means = {k: m * rng.uniform(0.95, 1.05) for k, m in T1_INTENSITY.items()}
+    lut = np.zeros(max(means) + 1, dtype=np.float32)
+    for k, m in means.items():
+        lut[k] = m
+    img = lut[image_key]
+    if bias:
+        img *= np.exp(bias * np.sin(world[0] / radius * 1.3 + rng.uniform(0, 6)) * np.cos(world[2] / radius))
+    if noise:
+        img += rng.normal(0, noise, img.shape).astype(np.float32)
+        img[image_key == 0] = np.abs(img[image_key == 0]) * 0.3
+    return img
+
+
 def make_phantom(
     shape: tuple[int, int, int] = (96, 96, 96),
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -130,27 +158,9 @@ def make_phantom(
     gap = cortex & (np.abs(x) < 0.012 * radius + 0.6) & (v[2] > -0.2)
     labels[gap] = 24
 
-    for left_id, right_id, c, r in _STRUCTURES:
-        c = np.array(c) + rng.uniform(-0.015, 0.015, 3)
-        r = np.array(r) * 1.35 * rng.uniform(0.9, 1.1, 3)
-        sides = [(left_id, 0.0)] if right_id is None else [(left_id, -1.0), (right_id, 1.0)]
-        for lab, sx in sides:
-            cx = np.array([c[0] * sx, c[1], c[2]], dtype=np.float32)
-            d = (v - cx[:, None]) / r.astype(np.float32)[:, None]
-            inside_s = (d**2).sum(0) < 1.0
-            labels[inside_s] = lab
+    _place_structures(labels, v, rng)
     image_key = np.where(labels > 0, labels, image_key)
-
-    means = {k: m * rng.uniform(0.95, 1.05) for k, m in T1_INTENSITY.items()}
-    lut = np.zeros(max(means) + 1, dtype=np.float32)
-    for k, m in means.items():
-        lut[k] = m
-    img = lut[image_key]
-    if bias:
-        img *= np.exp(bias * np.sin(world[0] / radius * 1.3 + rng.uniform(0, 6)) * np.cos(world[2] / radius))
-    if noise:
-        img += rng.normal(0, noise, img.shape).astype(np.float32)
-        img[image_key == 0] = np.abs(img[image_key == 0]) * 0.3
+    img = _render(image_key, world, radius, rng, bias, noise)
     image = Volume(img.reshape(shape).astype(np.float32), affine.copy())
     label = Volume(labels.reshape(shape), affine.copy())
     return image, label

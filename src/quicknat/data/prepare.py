@@ -89,14 +89,29 @@ def discover_oasis(raw: Path, labels: str = "fsl") -> list[_Found]:
             imgs = sorted((d / "PROCESSED" / "MPRAGE" / "T88_111").glob("*_mpr_n*_anon_111_t88_masked_gfc.img"))
             labs = sorted((d / "FSL_SEG").glob("*_fseg.img"))
         else:
-            mri = d / "mri"
-            imgs = [p for p in (mri / "orig.mgz", mri / "T1.mgz") if p.exists()][:1]
-            labs = [p for p in (mri / "aseg.mgz",) if p.exists()]
+            image, label = _freesurfer_pair(d / "mri")
+            imgs, labs = [p for p in (image,) if p], [p for p in (label,) if p]
         found.append(_Found(d.name, m.group(1), imgs[0] if imgs else None, labs[0] if labs else None))
     return found
 
 
-def _build_scans(found: list[_Found], out: Path, base: Path) -> tuple[list[Scan], list[dict]]:
+def discover_freesurfer(subjects_dir: Path) -> list[_Found]:
+    """FreeSurfer subject folders: ``mri/orig.mgz`` (or ``T1.mgz``) with ``mri/aseg.mgz``."""
+    found = []
+    for subj in sorted(p for p in subjects_dir.iterdir() if p.is_dir() and (p / "mri").is_dir()):
+        found.append(_Found(subj.name, subj.name, *_freesurfer_pair(subj / "mri")))
+    return found
+
+
+def _freesurfer_pair(mri: Path) -> tuple[Path | None, Path | None]:
+    """(``orig.mgz`` or else ``T1.mgz``, ``aseg.mgz``) of a FreeSurfer ``mri`` folder, None where absent."""
+    image = next((p for p in (mri / "orig.mgz", mri / "T1.mgz") if p.exists()), None)
+    return image, (mri / "aseg.mgz" if (mri / "aseg.mgz").exists() else None)
+
+
+def _build_scans(found: list[_Found], out: Path | None, base: Path) -> tuple[list[Scan], list[dict]]:
+    """Pair images with labels (converted to NIfTI in ``out``, or used in place when None);
+    what cannot be paired goes to the manifest's "missing" with the reason."""
     scans, missing = [], []
     for f in found:
         if f.image is None or f.label is None:
@@ -104,8 +119,11 @@ def _build_scans(found: list[_Found], out: Path, base: Path) -> tuple[list[Scan]
             missing.append({"id": f.id, "reason": f"no {what} file found"})
             continue
         try:
-            img = _convert(f.image, out / f"{f.id}_t1.nii.gz", label=False)
-            lab = _convert(f.label, out / f"{f.id}_label.nii.gz", label=True)
+            if out is None:
+                img, lab = load_volume(f.image), load_volume(f.label)
+            else:
+                img = _convert(f.image, out / f"{f.id}_t1.nii.gz", label=False)
+                lab = _convert(f.label, out / f"{f.id}_label.nii.gz", label=True)
         except QuicknatInputError as exc:
             missing.append({"id": f.id, "reason": str(exc)})
             continue
@@ -123,6 +141,7 @@ def _previous(path: Path) -> Manifest | None:
 
 def prepare_oasis(
     root: str | Path | None = None,
+    *,
     discs=(1,),
     url: str | None = None,
     md5: str | None = None,
@@ -161,27 +180,14 @@ def prepare_oasis(
     return manifest.save(path)
 
 
-def prepare_freesurfer(subjects_dir: str | Path, out: str | Path | None = None, seed: int = 0,
+def prepare_freesurfer(subjects_dir: str | Path, out: str | Path | None = None, *, seed: int = 0,
                        resplit: bool = False) -> Path:
     """Every ``SUBJ/mri/orig.mgz`` (or ``T1.mgz``) with ``SUBJ/mri/aseg.mgz`` -> an aseg33 manifest."""
     sd = Path(subjects_dir)
     if not sd.is_dir():
         raise QuicknatInputError(sd, "subjects folder does not exist")
     base = Path(out) if out else sd
-    scans, missing = [], []
-    for subj in sorted(p for p in sd.iterdir() if p.is_dir() and (p / "mri").is_dir()):
-        mri = subj / "mri"
-        image = next((p for p in (mri / "orig.mgz", mri / "T1.mgz") if p.exists()), None)
-        label = mri / "aseg.mgz" if (mri / "aseg.mgz").exists() else None
-        if image is None or label is None:
-            missing.append({"id": subj.name, "reason": f"no {'image' if image is None else 'aseg.mgz'}"})
-            continue
-        img, lab = load_volume(image), load_volume(label)
-        if not same_grid(img, lab):
-            missing.append({"id": subj.name, "reason": "image and label do not share geometry"})
-            continue
-        scans.append(Scan(subj.name, subj.name, os.path.relpath(image, base), os.path.relpath(label, base),
-                          _facts(img, lab)))
+    scans, missing = _build_scans(discover_freesurfer(sd), None, base)
     if not scans:
         raise QuicknatInputError(sd, "no FreeSurfer subject with mri/aseg.mgz and orig.mgz/T1.mgz")
     path = base / "manifest.json"
@@ -189,8 +195,8 @@ def prepare_freesurfer(subjects_dir: str | Path, out: str | Path | None = None, 
     return Manifest("freesurfer", "aseg33", scans, split, missing, {"subjects_dir": str(sd)}).save(path)
 
 
-def prepare_labelmaps(folder: str | Path, out: str | Path | None = None, seed: int = 0, resplit: bool = False,
-                      scheme: str = "aseg33", *, holdout: Sequence[str] = (),
+def prepare_labelmaps(folder: str | Path, out: str | Path | None = None, *, seed: int = 0, resplit: bool = False,
+                      scheme: str = "aseg33", holdout: Sequence[str] = (),
                       validation_scans: Sequence[tuple[str | Path, str | Path]] = ()) -> Path:
     """A folder of label maps without images -> a manifest for synthetic training.
 
