@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="model (default: the shipped one)")
     ap.add_argument("--candidate", default=None, help="a second model to compare")
     ap.add_argument("--variants", nargs="*", default=[], metavar="OPTS",
-                    help="more candidate columns with Segmenter options, e.g. flip clean flip,clean")
+                    help="more candidate columns with Segmenter options, e.g. flip clean flip,clean (the plain "
+                         "columns run without flip averaging)")
     ap.add_argument("--held-out", nargs="+", default=["training_seg_19", "training_seg_20"])
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--priors", type=Path, default=SHARED / "synthseg_priors")
@@ -133,12 +134,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("default_model_check"))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    models: dict[str, tuple[str | None, dict[str, bool]]] = {"baseline": (args.baseline, {})}
+    models: dict[str, tuple[str | None, dict[str, bool]]] = {"baseline": (args.baseline, {"flip": False})}
     if args.candidate:
-        models["candidate"] = (args.candidate, {})
+        models["candidate"] = (args.candidate, {"flip": False})
         for v in args.variants:
             opts = {o: True for o in v.split(",")}
-            models["candidate+" + "+".join(opts)] = (args.candidate, opts)
+            models["candidate+" + "+".join(opts)] = (args.candidate, {"flip": False, **opts})
     table: dict[str, dict[str, float]] = {}
     per_structure: dict[str, dict[str, float]] = {}
     for tag, (path, opts) in models.items():

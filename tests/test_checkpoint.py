@@ -123,7 +123,8 @@ def test_shipped_default_model():
         assert raw["state_dict"]["classifier.weight"].dtype == torch.float16
         assert "Apache" in ck.provenance["data"]["source"]
         stages = [s["recipe"] for s in ck.provenance["stages"]]
-        assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml"]
+        assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml", "configs/synth_cpu_v2.yaml"]
+        assert ck.provenance["config"]["synth"]["random_share"] == 0.25
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 

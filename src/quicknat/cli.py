@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
     p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
     p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
-    p.add_argument("--flip", action="store_true",
-                   help="test-time left-right flip averaging (coronal and axial views; ~1.8x network time)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no test-time left-right flip averaging (on by default; it costs ~1.8x network time)")
     p.add_argument("--clean", action="store_true",
                    help="keep only the brain: labels off its largest connected component become background")
     p.add_argument("--amp", action="store_true",

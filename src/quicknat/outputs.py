@@ -156,7 +156,7 @@ def segment_files(
     uncertainty: bool = False,
     overlay: bool = True,
     amp: bool = False,
-    flip: bool = False,
+    flip: bool = True,
     clean: bool = False,
     progress: bool = False,
     segmenter: Segmenter | None = None,

@@ -114,10 +114,11 @@ class Segmenter:
         amp: bfloat16 autocast. Off by default: with the shipped model it changed 0.1 % of
             the voxels and cost a structure up to 0.12 Dice (``bench/segment_speed.py --amp``),
             and quicknat never trades accuracy for speed silently.
-        flip: test-time left-right flip averaging: the coronal and axial views also run on
-            their slices mirrored left-right, and the mirrored prediction (sides swapped back)
-            is averaged in; the sagittal view, which has no sides, runs once. About 1.8x the
-            network time.
+        flip: test-time left-right flip averaging (on by default): the coronal and axial views
+            also run on their slices mirrored left-right, and the mirrored prediction (sides
+            swapped back) is averaged in; the sagittal view, which has no sides, runs once. About
+            1.8x the network time; with the shipped model +0.009 mean Dice on the real labelled
+            scan and on held-out synthetic T1 (``bench/default_model_accuracy.py --variants flip``).
         clean: keep only the brain: labelled voxels outside the largest connected component of
             the labelled mask, after an opening that cuts thin bridges (see
             :func:`keep_brain_component`), become background.
@@ -134,7 +135,7 @@ class Segmenter:
         batch_size: int | None = None,
         amp: bool = False,
         paths: SpeedPaths = SpeedPaths(),
-        flip: bool = False,
+        flip: bool = True,
         clean: bool = False,
     ):
         self.model = load_model(model)
