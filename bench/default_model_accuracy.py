@@ -14,7 +14,8 @@ Every section skips cleanly when its data is absent (``../shared/data`` beside t
    contrast: mean Dice over 32 structures.
 3. **MNI152** (nilearn's 2009 template, a real whole-head T1): aseg33 merged to tissue against
    argmax(CSF, GM, WM) of the template's maps inside its brain mask; and the share of labelled
-   voxels outside the brain mask dilated by 3 mm (scalp, skull, eyes labelled as brain).
+   voxels outside the brain mask dilated by 3 mm. nilearn's template is already skull-stripped,
+   so this share cannot show scalp labelled as brain; the whole-head T1 below is the look at that.
 4. **Whole-head T1** (``../shared/data/t1_unlabelled/whole_head_t1.nii.gz``): labelled volume and
    overlay PNGs of both unlabelled scans in ``--out`` to look at. (The skull-stripped scan of
    that folder is another head, not the same one skull-stripped: checked by intensity
@@ -106,7 +107,8 @@ def mni(seg: Segmenter, out: Path, tag: str) -> dict[str, float] | None:
     scores = {s.structure: s.dice for s in evaluate_pair(np.where(mask, pred, 0), ref, TISSUE, surface=False)}
     write_outputs(res, out, f"mni152_{tag}")
     return {**{f"tissue {k}": v for k, v in scores.items() if k != TISSUE.classes[0].name},
-            "outside brain %": 100.0 * float((labelled & ~dilated).sum()) / max(int(labelled.sum()), 1)}
+            "outside brain % (template is skull-stripped: no scalp to test)":
+                100.0 * float((labelled & ~dilated).sum()) / max(int(labelled.sum()), 1)}
 
 
 def unlabelled(seg: Segmenter, out: Path, tag: str) -> dict[str, float]:

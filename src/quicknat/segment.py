@@ -141,9 +141,9 @@ class Segmenter:
         self.model = load_model(model)
         self.flip = flip
         self.clean = clean
-        self.swap = torch.as_tensor(self.model.scheme.lr_swap_index(), device=resolve_device(device))
         self.paths = paths
         self.device = resolve_device(device)
+        self.swap = torch.as_tensor(self.model.scheme.lr_swap_index(), device=self.device)  # for flip averaging
         self.batch_size = batch_size or (64 if self.device.type == "cuda" else 4)
         self.amp = amp
         self.scheme = self.model.scheme
