@@ -29,6 +29,8 @@ import io as _io
 import json
 import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -120,16 +122,31 @@ def make_checkpoint(
     return ViewCheckpoint(view, net.config, scheme, conform, sd, prov)
 
 
+def _load_problem(exc: BaseException) -> str:
+    """torch.load's failure in our words: its advice to pass ``weights_only=False`` (run the
+    file's pickled code) is exactly what a user must not do, so it is never quoted."""
+    text = str(exc)
+    if "weights_only" in text or "Unpickler" in text:
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        why = f": {detail.group(1).strip()[:100]}" if detail else ""
+        return f"the weights-only loader refused it{why}; quicknat never runs code from a checkpoint"
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "truncated or not a torch file"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first.split(". ")[0][:160]
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> ViewCheckpoint:
     """Load and validate a view checkpoint (weights_only: no code is unpickled)."""
     path = Path(path)
     if not path.is_file():
         raise QuicknatInputError(path, "checkpoint does not exist")
     try:
-        d = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's protocol notes are not for our users
+            warnings.simplefilter("ignore", UserWarning)
+            d = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QuicknatInputError(path, f"not a loadable quicknat checkpoint ({msg[:200]})") from None
+        raise QuicknatInputError(path, f"not a loadable quicknat checkpoint ({_load_problem(exc)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT or any(k not in d for k in _REQUIRED):
         raise QuicknatInputError(path, "not a quicknat checkpoint (missing format fields)")
     if int(d["format_version"]) > FORMAT_VERSION:

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the brain: labels off its largest connected component become background")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
+    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+                   help="refuse scans with more voxels than this (default 2^28, about 645^3)")
     _common(p)
     p.set_defaults(func=_cmd_segment)
 
@@ -208,7 +210,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print("quicknat: error: give --pred and --ref, or --manifest (with --model)", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    print(f"wrote {path} and {path.with_name('summary.csv') if path.name == 'metrics.csv' else path}")
+    summary_path = path.with_name("summary.csv" if path.name == "metrics.csv" else f"{path.stem}_summary.csv")
+    print(f"wrote {path} and {summary_path}")
     return 0
 
 
@@ -265,6 +268,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         flip=args.flip,
         clean=args.clean,
         progress=sys.stderr.isatty(),
+        max_voxels=args.max_voxels,
     )
     failed = [o for o in outcomes if o.error]
     for o in failed:
@@ -273,10 +277,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if done:
         where = {str(p.parent) for o in done for p in o.outputs}
         print(f"segmented {len(done)} scan(s); wrote to {', '.join(sorted(where))}")
-    if not failed:
-        return 0
-    single = len(outcomes) == 1 and not outcomes[0].from_folder
-    return 2 if single else 1
+    return 2 if failed else 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -289,6 +290,18 @@ def _cmd_show(args: argparse.Namespace) -> int:
     save_overlay(image, seg, out, title=args.image.name)
     print(f"wrote {out}")
     return 0
+
+
+EXIT_CODES = """## Exit codes
+
+| code | meaning |
+|---:|---|
+| 0 | done |
+| 2 | bad input or options: one line `quicknat: error: PATH: problem` per failure, nothing half-written; \
+for `segment`, any scan that failed (the others are written) |
+| 1 | an error inside quicknat that is not about the input (please report it) |
+| 130 | interrupted (Ctrl-C); temporary files are removed, or cleaned up by the next run in that folder |
+"""
 
 
 def reference_markdown() -> str:
@@ -310,7 +323,7 @@ def _reference() -> str:
     parser = build_parser()
     out = ["# quicknat command-line reference", "",
            "Generated from the parser (`python -m quicknat.cli --reference > docs/cli.md`); a test checks it "
-           "is current.", "", "```text", parser.format_help().rstrip(), "```", ""]
+           "is current.", "", "```text", parser.format_help().rstrip(), "```", "", *EXIT_CODES.splitlines(), ""]
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     for name, p in sub.choices.items():
         out += [f"## quicknat {name}", "", "```text", p.format_help().rstrip(), "```", ""]

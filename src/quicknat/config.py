@@ -2,11 +2,20 @@
 
 Precedence: defaults < config file (``--config``) < command-line flags. Every run writes its
 resolved configuration to ``RUNDIR/config.yaml``.
+
+A config is checked against the dataclasses' own type hints before anything is written: unknown
+keys at every level (``conform:``, ``augment:``, ``synth:`` too), value types (``epochs: "2"``
+is refused, not coerced) and allowed values (:meth:`TrainConfig.__post_init__`). A bad config
+is one :class:`QuicknatInputError` line naming the file, the key and what was expected.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import math
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +25,76 @@ from .conform import ConformSettings
 from .data.slices import AugmentConfig
 from .data.synth import SynthConfig
 from .errors import QuicknatInputError
+from .model.blocks import SE_TYPES
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading ``1e-3`` as a number (YAML 1.2), not a string (YAML 1.1)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+|\.[0-9_]+"
+               r"(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _expected(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("null" if a is type(None) else _expected(a) for a in args)
+    if origin is tuple:
+        return f"a list of {len(args)} " + ("integers" if args[0] is int else "numbers")
+    if is_dataclass(tp):
+        return "a mapping of keys"
+    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the type hint ``tp`` (ints are accepted as floats, lists as
+    tuples); ValueError naming ``key`` otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for a in (a for a in args if a is not type(None)):
+            if is_dataclass(a) and isinstance(value, dict):
+                return _convert(value, a, key)  # its own, more precise error
+            try:
+                return _convert(value, a, key)
+            except ValueError:
+                pass
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    elif is_dataclass(tp):
+        if isinstance(value, dict):
+            return tp(**check_section(tp, value, f"{key}."))
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ValueError(f"key '{key}': expected {_expected(tp)}, got {value!r}")
+
+
+def check_section(cls: type, d: Any, prefix: str = "") -> dict[str, Any]:
+    """The keys of one config section (a dict for dataclass ``cls``), each checked against its
+    type hint; unknown keys are an error. Returns the converted values (not yet range-checked:
+    that is the dataclass's own ``__post_init__``)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"key '{prefix.rstrip('.') or '(top level)'}': expected a mapping of keys, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown key '{prefix}{unknown[0]}' (known: {', '.join(f.name for f in fields(cls))})")
+    return {k: _convert(v, hints[k], f"{prefix}{k}") for k, v in d.items()}
 
 
 @dataclass(frozen=True)
@@ -58,6 +137,26 @@ class TrainConfig:
     deterministic: bool = False
     val_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"key '{key}': expected {what}, got {getattr(self, key)!r}")
+
+        need(self.optimizer in ("sgd", "adam"), "optimizer", "'sgd' or 'adam'")
+        need(self.se in SE_TYPES, "se", " or ".join(repr(t) for t in SE_TYPES))
+        for key in ("num_filters", "epochs", "batch_size", "lr_step", "val_batch_size"):
+            need(getattr(self, key) >= 1, key, "an integer >= 1")
+        need(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "kernel_size", "an odd integer >= 1")
+        need(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch", "null or an integer >= 1")
+        need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self.lr > 0, "lr", "a number > 0")
+        need(0 < self.lr_gamma <= 1, "lr_gamma", "a number in (0, 1]")
+        need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
+        need(0 <= self.min_foreground < 1, "min_foreground", "a number in [0, 1)")
+        need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "null or a number > 0")
+        for key in ("momentum", "weight_decay", "dice_weight", "ce_weight", "edge_weight", "weight_cap"):
+            need(getattr(self, key) >= 0, key, "a number >= 0")
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["conform"] = self.conform.to_dict()
@@ -66,20 +165,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(sorted(unknown))}")
-        kw = dict(d)
-        if "conform" in kw and isinstance(kw["conform"], dict):
-            base = ConformSettings().to_dict()
-            base.update(kw["conform"])
-            kw["conform"] = ConformSettings.from_dict(base)
-        if "synth" in kw and (kw["synth"] is None or isinstance(kw["synth"], dict)):
-            kw["synth"] = SynthConfig.from_dict(kw["synth"])
-        if "augment" in kw and isinstance(kw["augment"], dict):
-            kw["augment"] = AugmentConfig(**kw["augment"])
-        return cls(**kw)
+        """A config from its dict (a YAML file's or a checkpoint's), checked key by key; partial
+        ``conform:`` and ``synth:`` sections are completed from the defaults."""
+        d = dict(d) if isinstance(d, dict) else d
+        if isinstance(d, dict):
+            if isinstance(d.get("conform"), dict):
+                d["conform"] = {**ConformSettings().to_dict(), **d["conform"]}
+            if isinstance(d.get("synth"), dict) and "t1_share" in d["synth"]:
+                d["synth"] = SynthConfig.from_dict(d["synth"]).to_dict()  # older key, mapped
+            if d.get("synth", {}) is None:
+                d["synth"] = {}
+        return cls(**check_section(cls, d))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -89,21 +185,26 @@ class TrainConfig:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the YAML file, then non-None ``overrides``."""
+    """Defaults, then the YAML file, then non-None ``overrides`` (command-line flags)."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-            base = cfg.to_dict()
-            for k, v in data.items():
-                if k in ("conform", "synth") and isinstance(v, dict):
-                    base[k] = {**base[k], **v}
-                else:
-                    base[k] = v
-            cfg = TrainConfig.from_dict(base)
+            data = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
         except FileNotFoundError:
             raise QuicknatInputError(path, "config file does not exist") from None
-        except (yaml.YAMLError, ValueError, TypeError) as exc:
-            raise QuicknatInputError(path, f"invalid config ({str(exc).splitlines()[0]})") from None
-    return cfg.with_overrides(**overrides)
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise QuicknatInputError(path, f"cannot read the config ({str(exc).splitlines()[0]})") from None
+        try:
+            if data is not None and not isinstance(data, dict):
+                raise ValueError(f"expected a mapping of keys at the top level, got {type(data).__name__}")
+            base = cfg.to_dict()
+            for k, v in (data or {}).items():
+                base[k] = {**base[k], **v} if k in ("conform", "synth") and isinstance(v, dict) else v
+            cfg = TrainConfig.from_dict(base)
+        except (ValueError, TypeError) as exc:
+            raise QuicknatInputError(path, f"invalid config: {str(exc).splitlines()[0]}") from None
+    try:
+        return cfg.with_overrides(**overrides)
+    except (ValueError, TypeError) as exc:
+        raise QuicknatInputError(None, f"invalid option: {str(exc).splitlines()[0]}") from None

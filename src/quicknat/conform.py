@@ -31,6 +31,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from .errors import QuicknatInputError
 from .io import Volume
 from .resample import (
     argmax_resample,
@@ -220,8 +221,22 @@ class ConformPlan:
         return out
 
 
+def check_intensities(volume: Volume) -> None:
+    """Refuse an image with nothing to segment: constant (all zero, say), or with intensities
+    so large (beyond 1e30) that they cannot be scaled in float32 without overflowing."""
+    a = volume.array
+    lo, hi = float(a.min()), float(a.max())
+    if lo == hi:
+        raise QuicknatInputError(volume.path, f"is a constant image (every voxel is {lo:g}); nothing to segment")
+    if max(abs(lo), abs(hi)) > 1e30:
+        raise QuicknatInputError(volume.path, f"has intensities up to {max(abs(lo), abs(hi)):.3g}, beyond what "
+                                              "float32 can scale (rescale the image)")
+
+
 def plan_conform(volume: Volume, settings: ConformSettings = ConformSettings()) -> ConformPlan:
-    """Compute how ``volume`` maps onto the conformed grid (no resampling yet)."""
+    """Compute how ``volume`` maps onto the conformed grid (no resampling yet); an image with no
+    usable intensity range is refused (:func:`check_intensities`)."""
+    check_intensities(volume)
     window = intensity_window(volume.array, settings.percentiles)
     native_affine = np.asarray(volume.affine, dtype=np.float64)
     shape = np.array(settings.shape)

@@ -25,7 +25,7 @@ import torch
 from .data.manifest import load_manifest
 from .errors import QuicknatInputError
 from .io import Volume, atomic_write_text, csv_text, is_volume_file, load_volume, same_grid, stem
-from .labels import ASEG_TO_TISSUE, LabelScheme, get_scheme, merge_labels
+from .labels import ASEG_TO_TISSUE, LabelScheme, checked_label_map, get_scheme, merge_labels
 from .metrics import METRICS, StructureScore, evaluate_pair
 from .outputs import write_outputs
 from .resample import resample
@@ -77,9 +77,24 @@ def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
     return ids[out]
 
 
+def load_label_map(path: Path, scheme: LabelScheme, *, reference: bool) -> Volume:
+    """A label map checked for use in scoring (:func:`quicknat.labels.checked_label_map`): a
+    reference must hold labels; IDs outside the scheme are warned about once, or refused when
+    they are most of the map."""
+    vol = load_volume(path)
+    what = "reference" if reference else "prediction"
+    _, unknown = checked_label_map(vol.array, scheme, path, what=what, allow_empty=not reference)
+    if unknown:
+        log.warning("%s: label IDs outside scheme %r scored as background: %s", path, scheme.name,
+                    ", ".join(f"{k} ({v} voxels)" for k, v in sorted(unknown.items())[:8]))
+    return vol
+
+
 def score_pair(pred_path: Path, ref_path: Path, scheme: LabelScheme, resample: bool = False,
                merge_to_tissue: bool = False) -> list[StructureScore]:
-    pred, ref = load_volume(pred_path), load_volume(ref_path)
+    ref = load_label_map(ref_path, scheme, reference=True)
+    # a prediction merged to tissue is in the model's aseg33 scheme, checked after the merge
+    pred = load_volume(pred_path) if merge_to_tissue else load_label_map(pred_path, scheme, reference=False)
     if not same_grid(pred, ref, atol=1e-4):
         if not resample:
             raise QuicknatInputError(pred_path, f"is on a different grid than {ref_path} (pass --resample)")

@@ -17,6 +17,17 @@ centre of the volume::
 
 So voxels at low first index (the subject's right hemisphere in radiological storage) land at
 positive RAS x, on the right of the world.
+
+Memory is bounded by the file, not by what a header claims: before any voxel is read, the voxel
+count in the header is checked against :func:`max_voxels` (``MAX_VOXELS``, 2^28 = 268 M voxels,
+e.g. 645^3; the environment variable ``QUICKNAT_MAX_VOXELS`` or ``segment --max-voxels`` raises
+it), and for uncompressed files (``.nii``, ``.img``, ``.mgh``) against the file's size. A header
+claiming 1600^3 voxels in a 79-byte file, or a gzip bomb, is refused at once. Voxels are read in
+their stored type; scaled data (``scl_slope``) and float64 become float32, not float64 (a
+float64 image with values float32 cannot hold is kept, for :mod:`quicknat.conform` to refuse).
+
+When a NIfTI file's qform and sform disagree (beyond 1 mm or 1 %), the affine nibabel chooses
+(the sform when its code is set) is used and a warning says so, once per file.
 """
 
 from __future__ import annotations
@@ -24,7 +35,10 @@ from __future__ import annotations
 import contextlib
 import csv
 import io as _io
+import logging
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,8 +50,20 @@ import numpy as np
 
 from .errors import QuicknatInputError
 
+log = logging.getLogger(__name__)
+
 #: Suffixes of the volume files quicknat reads, longest first.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr")
+#: The most voxels a volume may hold unless raised (see the module docstring).
+MAX_VOXELS = 2**28
+_COMPRESSED = (".gz", ".mgz", ".bz2", ".zst")
+
+
+def max_voxels() -> int:
+    """The voxel limit in force: ``QUICKNAT_MAX_VOXELS`` when set (a positive integer), else
+    :data:`MAX_VOXELS`."""
+    env = os.environ.get("QUICKNAT_MAX_VOXELS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else MAX_VOXELS
 
 
 @dataclass
@@ -143,12 +169,68 @@ def _raw_zooms(path: Path, img: Any) -> tuple[float, ...]:
     return zooms
 
 
-def load_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
+def _check_size(path: Path, img: Any, limit: int) -> None:
+    """The header's voxel count against ``limit`` and, for an uncompressed file, the file's size;
+    nothing has been allocated yet."""
+    shape = tuple(int(s) for s in img.header.get_data_shape())
+    n = 1
+    for s in shape:
+        n *= s
+    if n > limit:
+        raise QuicknatInputError(path, f"header claims {'x'.join(map(str, shape))} = {n / 1e6:.0f} M voxels, over the "
+                                       f"limit of {limit / 1e6:.0f} M (QUICKNAT_MAX_VOXELS or --max-voxels raises it)")
+    proxy = img.dataobj
+    source = getattr(proxy, "file_like", None)
+    if not isinstance(source, str) or source.lower().endswith(_COMPRESSED) or not os.path.exists(source):
+        return
+    need = int(getattr(proxy, "offset", 0)) + n * img.header.get_data_dtype().itemsize
+    have = os.path.getsize(source)
+    if have < need:
+        raise QuicknatInputError(path, f"is truncated: its header needs {need} bytes (header and voxels), the file "
+                                       f"holds {have}")
+
+
+def _read_voxels(img: Any) -> np.ndarray:
+    """Voxels in their stored type; scaled ones in float32 (nibabel would give float64)."""
+    proxy = img.dataobj
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if nib.is_proxy(proxy) and hasattr(proxy, "get_unscaled") and (slope != 1 or inter != 0):
+        raw = np.asarray(proxy.get_unscaled())
+        data = raw.astype(np.float32)
+        del raw
+        data *= np.float32(slope)
+        data += np.float32(inter)
+        return data
+    data = np.asarray(np.asanyarray(proxy))
+    if data.dtype == np.float64 and data.size and np.abs(data[np.isfinite(data)]).max(initial=0) < 1e30:
+        data = data.astype(np.float32)
+    return data
+
+
+def _warn_forms(path: Path, img: Any) -> None:
+    """Warn once when a NIfTI's qform and sform both hold and disagree."""
+    hdr = img.header
+    if not isinstance(hdr, nib.Nifti1Header):
+        return
+    q, qcode = hdr.get_qform(coded=True)
+    s, scode = hdr.get_sform(coded=True)
+    if not qcode or not scode or q is None or s is None:
+        return
+    shift = float(np.abs(q[:3, 3] - s[:3, 3]).max())
+    rel = float(np.abs(q[:3, :3] - s[:3, :3]).max() / max(np.abs(s[:3, :3]).max(), 1e-12))
+    if shift > 1.0 or rel > 0.01:
+        used = "sform" if np.allclose(img.affine, s) else "qform"
+        log.warning("%s: qform and sform disagree (up to %.1f mm, %.0f %% in the axes); using the %s", path,
+                    shift, 100 * rel, used)
+
+
+def load_volume(path: str | Path, *, allow_nonfinite: bool = False, limit: int | None = None) -> Volume:
     """Load a 3D volume from NIfTI, MGZ/MGH or Analyze 7.5.
 
     A trailing singleton 4th dimension is squeezed. Raises QuicknatInputError for a missing,
-    unreadable or truncated file, a 2D or real 4D image, non-finite voxels, or a degenerate
-    geometry (zero, negative or non-finite voxel sizes).
+    unreadable or truncated file, a header claiming more than ``limit`` voxels (default
+    :func:`max_voxels`), a 2D or real 4D image, non-finite voxels, or a degenerate geometry
+    (zero, negative or non-finite voxel sizes).
     """
     path = Path(path)
     if not path.exists():
@@ -156,11 +238,13 @@ def load_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
     if path.is_dir():
         raise QuicknatInputError(path, "is a folder, not a volume file")
     img = _open(path)
+    _check_size(path, img, max_voxels() if limit is None else limit)
     try:
-        data = np.asanyarray(img.dataobj)
+        data = _read_voxels(img)
+    except MemoryError:
+        raise QuicknatInputError(path, "not enough memory to read its voxels") from None
     except Exception as exc:
         raise QuicknatInputError(path, f"cannot read the voxel data ({_describe(exc)}); truncated?") from None
-    data = np.asarray(data)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim > 3:
@@ -177,6 +261,7 @@ def load_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
     affine = analyze_affine(data.shape, zooms) if is_analyze else np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise QuicknatInputError(path, "has a degenerate voxel-to-world affine (zero or non-finite)")
+    _warn_forms(path, img)
 
     if np.issubdtype(data.dtype, np.floating) and not allow_nonfinite:
         finite = np.isfinite(data)
@@ -193,6 +278,42 @@ def _umask_mode() -> int:
     return 0o666 & ~mask
 
 
+_TEMP_OWNER = f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+_TEMP_NAME = re.compile(r"^\..+\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp(\.[\w.]+)?$")
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that an interrupted write (kill -9, power loss) left in
+    ``folder``: those :func:`atomic_path` made on this host for a process that no longer runs.
+    A write in progress in another process, or from another machine, is left alone."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname().replace(".", "_")
+    for p in folder.glob(".*.tmp*"):
+        m = _TEMP_NAME.match(p.name)
+        if m is None or m["host"] != host or _alive(int(m["pid"])):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        log.info("%s: removed %d temporary file(s) left by an interrupted write", folder, len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's running process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """The one atomic-write mechanism of quicknat: yields a temporary path in ``path``'s folder
@@ -202,7 +323,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     name = path.name
     suffix = next((s for s in VOLUME_SUFFIXES if name.lower().endswith(s)), path.suffix)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.{_TEMP_OWNER}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -409,3 +409,37 @@ def merge_labels(labels: np.ndarray, mapping: dict[int, int] = ASEG_TO_TISSUE) -
     for k, v in mapping.items():
         lut[k] = v
     return lut[ids]
+
+
+def checked_label_map(
+    labels: np.ndarray, scheme: LabelScheme, path: str | Path | None, *, what: str = "label map",
+    allow_empty: bool = False,
+) -> tuple[np.ndarray, dict[int, int]]:
+    """``scheme.encode`` for a label map read from ``path``, refusing what is not one.
+
+    One-line errors naming ``path`` for: non-integer or negative values; a map with no label at
+    all (unless ``allow_empty``); an image rather than a label map (labels are piecewise
+    constant: more than half of the labelled voxels differing from their neighbour along the
+    first axis is an image, e.g. a T1 passed as a label map); and a map holding no ID of the
+    scheme but background (another scheme). IDs outside the scheme (e.g. FreeSurfer's WM
+    hypointensities, 77, or non-brain labels of a whole-head map) count as background and are
+    returned as ``{id: voxels}`` for the caller to report.
+    """
+    arr = np.asarray(labels)
+    classes, unknown = scheme.encode(arr, path=path)
+    labelled = arr != 0
+    n_labelled = int(np.count_nonzero(labelled))
+    if n_labelled == 0:
+        if allow_empty:
+            return classes, unknown
+        raise QuicknatInputError(path, f"{what} is empty (no voxel carries a label)")
+    both = labelled[1:] & labelled[:-1]
+    changes = int(np.count_nonzero((arr[1:] != arr[:-1]) & both))
+    if changes > 0.5 * max(int(np.count_nonzero(both)), 1):
+        raise QuicknatInputError(path, f"is an image, not a {what}: {100 * changes / np.count_nonzero(both):.0f} % "
+                                       "of neighbouring labelled voxels differ (labels are piecewise constant)")
+    if not classes.any():
+        listed = ", ".join(str(v) for v in sorted(unknown)[:5])
+        raise QuicknatInputError(path, f"{what} holds no label of scheme {scheme.name!r} (only {listed}"
+                                       f"{', ...' if len(unknown) > 5 else ''})")
+    return classes, unknown

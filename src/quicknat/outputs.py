@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Model
 from .errors import QuicknatError, QuicknatInputError
-from .io import Volume, atomic_paths, csv_text, is_volume_file, load_volume, save_volume, stem
+from .io import Volume, atomic_paths, csv_text, is_volume_file, load_volume, remove_stale_temps, save_volume, stem
 from .labels import ASEG_TO_TISSUE, merge_labels
 from .report import save_overlay
 from .segment import SegmentationResult, Segmenter
@@ -105,9 +105,9 @@ def example_scan() -> Path:
     return path
 
 
-def _load(path: Path) -> tuple[Volume, float]:
+def _load(path: Path, limit: int | None = None) -> tuple[Volume, float]:
     t = time.perf_counter()
-    return load_volume(path), time.perf_counter() - t
+    return load_volume(path, limit=limit), time.perf_counter() - t
 
 
 def _settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
@@ -161,6 +161,7 @@ def segment_files(
     progress: bool = False,
     segmenter: Segmenter | None = None,
     stream: bool = True,
+    max_voxels: int | None = None,
 ) -> list[ScanOutcome]:
     """Segment scans (files or folders); a scan that fails is recorded and skipped.
 
@@ -168,13 +169,15 @@ def segment_files(
     With ``stream`` (the default), I/O overlaps compute: the next scan is read in one thread and
     the previous scan's outputs are written in another while the current scan is segmented; at
     most one scan is read ahead and one result waits to be written. ``stream=False`` does one
-    thing at a time (the reference: both write the same files).
+    thing at a time (the reference: both write the same files). ``max_voxels`` raises the
+    voxel limit of :func:`quicknat.io.max_voxels` for these scans.
     """
     seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean)
     if not inputs:
         inputs = [example_scan()]
     outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
     scans = find_scans(inputs)
+    remove_stale_temps(outdir)
     outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
 
     def write(oc: ScanOutcome, res: SegmentationResult) -> None:
@@ -186,7 +189,8 @@ def segment_files(
     def finish(oc: ScanOutcome, job: Future | None) -> None:
         if job is not None:
             _settle(oc, job.result)
-        log.info("%s: %s", oc.path, oc.error or f"wrote {len(oc.outputs)} files")
+        if oc.error is None:  # a failure is the caller's to report, once
+            log.info("%s: wrote %d files", oc.path, len(oc.outputs))
 
     def compute(reading: Future) -> SegmentationResult:
         vol, seconds = reading.result()
@@ -195,11 +199,14 @@ def segment_files(
         return res
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        reading = _submit(reader, stream, _load, outcomes[0].path) if outcomes else None
+        def read(i: int) -> Future | None:
+            return _submit(reader, stream, _load, outcomes[i].path, max_voxels) if i < len(outcomes) else None
+
+        reading = read(0)
         writing: tuple[ScanOutcome, Future] | None = None
         for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
             current = reading
-            reading = _submit(reader, stream, _load, outcomes[i + 1].path) if i + 1 < len(outcomes) else None
+            reading = read(i + 1)
             res = _settle(oc, lambda current=current: compute(current))
             if writing is not None:  # at most one result waits to be written
                 finish(*writing)

@@ -32,6 +32,7 @@ from scipy import ndimage
 from .checkpoint import Model, load_model
 from .conform import ConformPlan, plan_conform
 from .device import resolve_device
+from .errors import QuicknatInputError
 from .io import Volume
 from .labels import LabelScheme
 from .model import set_mc_dropout
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 EMPTY_SLICE = 0.02
 #: Margin (voxels) around the head's bounding box in conformed space.
 BOX_MARGIN = 4
+#: A segmentation labelling less than this (mL) found no brain: a failure, not a result.
+MIN_BRAIN_ML = 1.0
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,10 @@ class Segmenter:
         conformed_classes[region] = cls_crop
         fast = self.paths.fast_resample
         native = sub.probs_to_native(probs_cpu, argmax_only=True, fast=fast)
+        labelled_ml = np.count_nonzero(native) * volume.voxel_volume / 1000.0
+        if labelled_ml < MIN_BRAIN_ML:
+            raise QuicknatInputError(volume.path, f"the segmentation found almost no brain ({labelled_ml:.2f} mL "
+                                                  "labelled); is this a T1-weighted head scan?")
         post = sub.probs_to_native(probs_cpu, argmax_only=False, fast=fast) if posteriors else None
         unc = None
         if uncertainty:

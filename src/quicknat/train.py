@@ -52,7 +52,7 @@ from .data.slices import TrainingData, real_training_data
 from .data.synth_data import synthetic_training_data
 from .device import barrier, dist_setup, is_main, resolve_device, sync_buffers
 from .errors import QuicknatInputError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from .labels import LabelScheme
 from .losses import QuickNATLoss
 from .model import QuickNAT, QuickNATConfig
@@ -122,6 +122,8 @@ class _Run:
 
 def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingData:
     """The explicit switch: synthetic images when no training scan has one, else the scans."""
+    if not manifest.scans_in("train"):
+        raise QuicknatInputError(manifest.path, "the train split holds no scans")
     scheme = manifest.label_scheme()
     common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, edge_weight=cfg.edge_weight, seed=cfg.seed)
     if all(s.image is None for s in manifest.scans_in("train")):
@@ -320,6 +322,8 @@ def train_view(
     writer = None
     if is_main():
         run.vdir.mkdir(parents=True, exist_ok=True)
+        for folder in (run.rundir, run.vdir):  # what a killed run's half-written files left
+            remove_stale_temps(folder)
         atomic_write_text(run.rundir / "config.yaml", cfg.to_yaml())
         atomic_write_text(run.rundir / "split.json", json.dumps(manifest.split, indent=1) + "\n")
         writer = _tensorboard(run)

@@ -10,9 +10,13 @@
      "split": {"seed": 0, "ratios": [0.8, 0.1, 0.1], "train": [...scan ids], "validation": [...], "test": [...]}}
 
 The split is made once, by *subject* (repeat scans such as OASIS ``MR2`` stay with their
-subject), with MONAI's ``partition_dataset`` and a seed, and is then reused: re-running a
-preparation with the same scans keeps it; a different set of subjects or a different seed is an
-error unless a new split is asked for explicitly.
+subject), seeded, and is then reused: re-running a preparation with the same scans keeps it; a
+different set of subjects or a different seed is an error unless a new split is asked for
+explicitly. Every subject lands in exactly one split, for any count (see :func:`split_sizes`):
+1 subject -> train only; 2 -> train and validation; 3 or more -> at least one in each.
+
+A manifest is checked when loaded (:func:`load_manifest`): its fields and their types, unique
+scan IDs, and split IDs that are among its scans; a bad one is a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import QuicknatInputError
 from ..io import atomic_write_text
@@ -127,28 +133,81 @@ def load_manifest(path: str | Path) -> Manifest:
     except FileNotFoundError:
         raise QuicknatInputError(path, "manifest does not exist") from None
     except (OSError, ValueError) as exc:
-        raise QuicknatInputError(path, f"cannot read manifest ({exc})") from None
+        raise QuicknatInputError(path, f"cannot read manifest ({_first_line(exc)})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise QuicknatInputError(path, "not a quicknat manifest")
+        raise QuicknatInputError(path, "not a quicknat manifest (no \"format\": \"quicknat-manifest\")")
+    _check_manifest(path, d)
     return Manifest(
         str(d["dataset"]), d["scheme"], [Scan.from_dict(s) for s in d["scans"]], d.get("split") or {},
         d.get("missing") or [], d.get("source") or {}, path,
     )
 
 
-def split_by_subject(scans: list[Scan], seed: int = 0, ratios=DEFAULT_RATIOS) -> dict[str, Any]:
-    """Seeded train/validation/test split of scan IDs, grouped by subject (MONAI partition)."""
-    from monai.data import partition_dataset
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
+
+def _check_manifest(path: Path, d: dict[str, Any]) -> None:
+    """Types, unique IDs and split IDs of a manifest's dict; one-line errors naming the key."""
+    def bad(key: str, expected: str) -> QuicknatInputError:
+        return QuicknatInputError(path, f"manifest key '{key}': expected {expected}")
+
+    if not isinstance(d.get("dataset"), str):
+        raise bad("dataset", "a name (string)")
+    if not isinstance(d.get("scheme"), (str, dict)):
+        raise bad("scheme", "a label scheme name or table")
+    scans = d.get("scans")
+    if not isinstance(scans, list):
+        raise bad("scans", "a list of scans")
+    ids = []
+    for i, s in enumerate(scans):
+        if not isinstance(s, dict) or not isinstance(s.get("id"), str) or not isinstance(s.get("subject", ""), str):
+            raise bad(f"scans[{i}]", "an object with a string 'id' (and 'subject')")
+        for k in ("image", "label"):
+            if s.get(k) is not None and not isinstance(s[k], str):
+                raise bad(f"scans[{i}].{k}", "a file path or null")
+        ids.append(s["id"])
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise bad("scans", f"unique scan IDs ({', '.join(dup[:3])} repeated)")
+    split = d.get("split") or {}
+    if not isinstance(split, dict):
+        raise bad("split", "an object")
+    known = set(ids)
+    for name in SPLITS:
+        part = split.get(name, [])
+        if not isinstance(part, list) or not all(isinstance(i, str) for i in part):
+            raise bad(f"split.{name}", "a list of scan IDs")
+        unknown = [i for i in part if i not in known]
+        if unknown:
+            raise bad(f"split.{name}", f"IDs among the manifest's scans ({', '.join(unknown[:3])} not found)")
+
+
+def split_sizes(n: int, ratios=DEFAULT_RATIOS) -> tuple[int, int, int]:
+    """(train, validation, test) counts for ``n`` subjects that add up to ``n``: 1 -> (1, 0, 0);
+    2 -> (1, 1, 0); 3 or more -> at least one in each, the rest by ``ratios`` (rounded)."""
+    if n <= 0:
+        return 0, 0, 0
+    if n < 3:
+        return 1, n - 1, 0
+    total = float(sum(ratios))
+    val = max(1, round(n * ratios[1] / total))
+    test = max(1, round(n * ratios[2] / total))
+    while n - val - test < 1:  # train keeps at least one
+        if val >= test and val > 1:
+            val -= 1
+        else:
+            test -= 1
+    return n - val - test, val, test
+
+
+def split_by_subject(scans: list[Scan], seed: int = 0, ratios=DEFAULT_RATIOS) -> dict[str, Any]:
+    """Seeded train/validation/test split of scan IDs, grouped by subject; every subject is in
+    exactly one part (sizes from :func:`split_sizes`)."""
     subjects = sorted({s.subject for s in scans})
-    if len(subjects) < 3:
-        parts = [subjects, [], []]
-    else:
-        parts = partition_dataset(subjects, ratios=list(ratios), shuffle=True, seed=seed)
-        # every part non-empty when there are enough subjects (tiny data sets)
-        for k in (1, 2):
-            if not parts[k] and len(parts[0]) > 1:
-                parts[k].append(parts[0].pop())
+    order = [subjects[i] for i in np.random.default_rng(seed).permutation(len(subjects))]
+    n_train, n_val, _ = split_sizes(len(subjects), ratios)
+    parts = [order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]]
     out: dict[str, Any] = {"seed": seed, "ratios": list(ratios), "by": "subject"}
     for name, subj in zip(SPLITS, parts):
         chosen = set(subj)

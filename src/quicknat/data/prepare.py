@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import QuicknatInputError
 from ..io import Volume, is_volume_file, load_volume, same_grid, save_volume, stem
+from ..labels import checked_label_map, get_scheme
 from .archive import download, safe_extract
 from .manifest import Manifest, Scan, load_manifest, reuse_or_split
 
@@ -212,8 +213,10 @@ def prepare_labelmaps(folder: str | Path, out: str | Path | None = None, *, seed
         raise QuicknatInputError(folder, "holds no label map files")
     base = Path(out) if out else folder
     scans = []
+    sch = get_scheme(scheme)
     for f in files:
         lab = load_volume(f)
+        checked_label_map(lab.array, sch, f)  # not a T1 image, not empty, some of the scheme's IDs
         scans.append(Scan(stem(f), stem(f), None, os.path.relpath(f, base), _facts(None, lab)))
     ids = [s.id for s in scans]
     unknown = sorted(set(holdout) - set(ids))
