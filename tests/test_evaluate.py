@@ -67,7 +67,7 @@ def test_evaluate_model_on_manifest_and_report(tiny_model, tmp_path, capsys):
     manifest = tiny_model.parent / "data" / "manifest.json"
     out = tmp_path / "eval"
     code = main(["evaluate", "--model", str(tiny_model), "--manifest", str(manifest), "--split", "all",
-                 "-o", str(out), "--mc", "2"])
+                 "-o", str(out), "--mc", "2", "--no-flip"])
     assert code == 0, capsys.readouterr().err
     info = json.loads((out / "eval.json").read_text())
     assert [s["id"] for s in info["scans"]] == ["ph0", "ph1", "ph2", "ph3", "ph4"]

@@ -38,7 +38,7 @@ def test_trained_views_reach_validation_dice(tiny_model):
         assert (tiny_model / view / "last.pt").exists() and (tiny_model / view / "best.pt").exists()
     m = load_model(tiny_model)
     assert set(m.views) == {"coronal", "axial", "sagittal"} and m.scheme == TEST_SCHEME
-    assert load_config(tiny_model / "config.yaml").num_filters == 12
+    assert load_config(tiny_model / "config.yaml").num_filters == 8
     assert json.loads((tiny_model / "split.json").read_text())["train"] == ["ph0", "ph1", "ph2"]
     assert list((tiny_model / "coronal" / "tensorboard").glob("events.*"))
 
@@ -115,7 +115,7 @@ def test_fine_tuning_init_and_scheme_mismatch(tmp_path, tiny_model):
     assert ck.scheme == TISSUE and ck.config.num_classes == 4
     # different architecture: refused
     with pytest.raises(QuicknatInputError, match="architecture"):
-        train(manifest, tmp_path / "ft3", "coronal", tiny_config(num_filters=8, epochs=1, steps_per_epoch=1),
+        train(manifest, tmp_path / "ft3", "coronal", tiny_config(num_filters=6, epochs=1, steps_per_epoch=1),
               init=tiny_model, device="cpu")
 
 

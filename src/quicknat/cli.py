@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     p.add_argument("--mc", type=int, default=0, help="with --model: MC-dropout passes (QC in the report)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="with --model: no test-time left-right flip averaging (as segment --no-flip)")
     p.add_argument("-o", "--output", type=Path, default=None, help="folder (or metrics .csv for file pairs)")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -203,7 +205,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.manifest is not None:
         out = args.output or Path("quicknat_eval")
         path, summary = evaluate_model(args.model, args.manifest, split=args.split, out=out, device=args.device,
-                                       batch_size=args.batch_size, mc=args.mc)
+                                       batch_size=args.batch_size, mc=args.mc, flip=args.flip)
     elif args.pred is not None and args.ref is not None:
         path, summary = evaluate_files(args.pred, args.ref, args.scheme, out=args.output, resample=args.resample)
     else:
@@ -301,6 +303,20 @@ EXIT_CODES = """## Exit codes
 for `segment`, any scan that failed (the others are written) |
 | 1 | an error inside quicknat that is not about the input (please report it) |
 | 130 | interrupted (Ctrl-C); temporary files are removed, or cleaned up by the next run in that folder |
+
+What counts as bad input (exit 2, no output for that scan):
+
+- a header claiming more than 2^28 voxels (about 645^3; `--max-voxels` or `QUICKNAT_MAX_VOXELS`
+  raises it), or an uncompressed file shorter than its header says: refused before any voxel is read;
+- a constant image (all zero, say) or one with intensities beyond 1e30; a segmentation labelling
+  less than 1 mL (no brain found);
+- a config with an unknown key at any level, a value of the wrong type or out of range; a manifest
+  whose fields, scan IDs or split IDs do not hold together; an empty train split;
+- for `evaluate` and `prepare labelmaps`: label maps with non-integer or negative values, an empty
+  map, an image given as a label map, or a map with no ID of the scheme (IDs outside the scheme are
+  scored as background, with a warning naming them).
+
+A NIfTI whose qform and sform disagree is used with the sform (nibabel's choice) and a warning.
 """
 
 

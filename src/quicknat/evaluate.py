@@ -172,13 +172,14 @@ def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | Label
 
 
 def evaluate_model(model, manifest: str | Path, *, split: str = "test", out: str | Path = "quicknat_eval",
-                   device: str = "auto", batch_size: int | None = None, mc: int = 0) -> tuple[Path, list[dict]]:
+                   device: str = "auto", batch_size: int | None = None, mc: int = 0,
+                   flip: bool = True) -> tuple[Path, list[dict]]:
     """Segment a manifest split's scans with ``model`` and score them against their labels.
 
     An aseg33 model scored on a tissue data set (OASIS FSL_SEG) is merged to tissue first.
     """
     m = load_manifest(manifest)
-    seg = Segmenter(model, device=device, batch_size=batch_size)
+    seg = Segmenter(model, device=device, batch_size=batch_size, flip=flip)
     data_scheme = m.label_scheme()
     merge = seg.scheme.name == "aseg33" and data_scheme.name == "tissue"
     if seg.scheme != data_scheme and not merge:
