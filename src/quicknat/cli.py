@@ -245,6 +245,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _setup(args: argparse.Namespace) -> None:
     level = logging.WARNING - 10 * min(2, getattr(args, "verbose", 0) + 1)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for noisy in ("matplotlib", "PIL", "h5py", "urllib3", "fsspec"):  # their debug lines are not ours
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     threads = getattr(args, "threads", None)
     if threads:
         import torch
