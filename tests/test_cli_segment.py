@@ -94,3 +94,36 @@ def test_cli_segment_without_input_uses_the_bundled_example(tmp_path, tiny_model
     seg = nib.load(str(tmp_path / "quicknat_out" / "mni152_t1_1mm_seg.nii.gz"))
     src = nib.load(str(tmp_path / "cache" / "quicknat" / "mni152_t1_1mm.nii.gz"))
     assert seg.shape == src.shape == (197, 233, 189) and np.array_equal(seg.affine, src.affine)
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--mc", "0"], "argument --mc: expected an integer >= 1, got '0'"),
+    (["--mc", "-3"], "argument --mc: expected an integer >= 1, got '-3'"),
+    (["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected an integer >= 1"),
+    (["--uncertainty"], "--uncertainty needs --mc N"),
+    (["--device", "gpu"], "unknown device 'gpu'"),
+])
+def test_cli_segment_checks_flags_before_work(tmp_path, capsys, extra, expected):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"never read")
+    try:
+        code = main(["segment", str(scan), "-o", str(tmp_path / "out"), *extra])
+    except SystemExit as exc:  # argparse's usage errors
+        code = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_segment_checks_output_and_inputs_before_work(tmp_path, capsys):
+    scan = tmp_path / "scan.nii.gz"
+    scan.write_bytes(b"never read")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["segment", str(scan), "-o", str(afile)]) == 2
+    assert "is a file; the output (-o) must be a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["segment", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
+    assert "holds no scans" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

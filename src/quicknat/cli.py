@@ -25,11 +25,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"quicknat: error: {message}\n")
 
 
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (a bad value is a one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     if batch:
-        p.add_argument("--batch-size", type=int, default=None, help="slices per forward pass")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+        p.add_argument("--batch-size", type=_count, default=None, help="slices per forward pass")
+    p.add_argument("--threads", type=_count, default=None, help="CPU threads for PyTorch (default: all cores)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scans or folders of scans; none: the bundled example scan")
     p.add_argument("-o", "--output", type=Path, default=None, help="output folder (default: ./quicknat_out)")
     p.add_argument("--model", default=None, help="installed model name or a model folder/checkpoint")
-    p.add_argument("--mc", type=int, default=0, metavar="N", help="Monte-Carlo dropout passes for QC")
+    p.add_argument("--mc", type=_count, default=0, metavar="N", help="Monte-Carlo dropout passes for QC")
     p.add_argument("--tissue", action="store_true", help="also write the tissue (CSF/GM/WM) segmentation")
     p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
     p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
@@ -81,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the brain: labels off its largest connected component become background")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
-    p.add_argument("--max-voxels", type=int, default=None, metavar="N",
+    p.add_argument("--max-voxels", type=_count, default=None, metavar="N",
                    help="refuse scans with more voxels than this (default 2^28, about 645^3)")
     _common(p)
     p.set_defaults(func=_cmd_segment)
@@ -113,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="with --manifest: segment the split's scans with this model")
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
-    p.add_argument("--mc", type=int, default=0, help="with --model: MC-dropout passes (QC in the report)")
+    p.add_argument("--mc", type=_count, default=0, help="with --model: MC-dropout passes (QC in the report)")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="with --model: no test-time left-right flip averaging (as segment --no-flip)")
     p.add_argument("-o", "--output", type=Path, default=None, help="folder (or metrics .csv for file pairs)")

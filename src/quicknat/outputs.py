@@ -80,6 +80,17 @@ def write_outputs(
     return written
 
 
+def check_output_folder(outdir: Path) -> None:
+    """Before any work: ``outdir`` is a folder (or can become one) that this user can write."""
+    if outdir.exists() and not outdir.is_dir():
+        raise QuicknatInputError(outdir, "is a file; the output (-o) must be a folder")
+    parent = outdir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QuicknatInputError(parent, "is not writable; choose another output folder (-o)")
+
+
 def find_scans(inputs: Iterable[str | Path]) -> list[tuple[Path, bool]]:
     """Expand files and folders into (scan path, came from a folder) pairs, sorted per folder."""
     out: list[tuple[Path, bool]] = []
@@ -172,11 +183,16 @@ def segment_files(
     thing at a time (the reference: both write the same files). ``max_voxels`` raises the
     voxel limit of :func:`quicknat.io.max_voxels` for these scans.
     """
+    outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
+    check_output_folder(outdir)
+    if uncertainty and mc < 1:
+        raise QuicknatInputError(None, "--uncertainty needs --mc N (the entropy over N MC-dropout passes)")
+    scans = find_scans(inputs) if inputs else []
+    if inputs and not scans:
+        raise QuicknatInputError(Path(inputs[0]), "holds no scans (.nii, .nii.gz, .mgz, .mgh, .img)")
     seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean)
     if not inputs:
-        inputs = [example_scan()]
-    outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
-    scans = find_scans(inputs)
+        scans = find_scans([example_scan()])
     remove_stale_temps(outdir)
     outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
 
