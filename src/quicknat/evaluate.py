@@ -79,8 +79,8 @@ def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
 
 def load_label_map(path: Path, scheme: LabelScheme, *, reference: bool) -> Volume:
     """A label map checked for use in scoring (:func:`quicknat.labels.checked_label_map`): a
-    reference must hold labels; IDs outside the scheme are warned about once, or refused when
-    they are most of the map."""
+    reference must hold labels; IDs outside the scheme are scored as background, with one
+    warning naming them."""
     vol = load_volume(path)
     what = "reference" if reference else "prediction"
     _, unknown = checked_label_map(vol.array, scheme, path, what=what, allow_empty=not reference)

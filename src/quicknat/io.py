@@ -205,8 +205,10 @@ def _read_voxels(img: Any) -> np.ndarray:
         data += np.float32(inter)
         return data
     data = np.asarray(np.asanyarray(proxy))
-    if data.dtype == np.float64 and data.size and np.abs(data[np.isfinite(data)]).max(initial=0) < 1e30:
-        data = data.astype(np.float32)
+    if data.dtype == np.float64 and data.size:  # min/max: no full-size temporary
+        lo, hi = float(data.min()), float(data.max())
+        if max(abs(lo), abs(hi)) < 1e30:  # NaN or Inf compare False: kept, refused later
+            data = data.astype(np.float32)
     return data
 
 
