@@ -236,7 +236,7 @@ def main() -> int:
         print(f"{'MONAI Quicknat (peer)':<28}{peer:>10.2f}{peer / ours:>10.2f}")
 
     if args.cohort > 1:
-        from quicknat.outputs import segment_files
+        from quicknat.runner import segment_files
 
         scans = [scan] * args.cohort
         print(f"\ncohort of {args.cohort} copies of the scan (all outputs written):")
@@ -244,7 +244,7 @@ def main() -> int:
         times = {}
         for mode, stream in (("one at a time", False), ("streamed (I/O overlapped)", True)):
             t = time.perf_counter()
-            outs = segment_files(scans, tmp / f"cohort_{stream}", segmenter=seg, stream=stream)
+            outs = segment_files(scans, tmp / f"cohort_{stream}", segmenter=seg, stream=stream).outcomes
             times[mode] = time.perf_counter() - t
             assert all(o.error is None for o in outs)
         base = times["one at a time"]

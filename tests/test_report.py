@@ -17,7 +17,9 @@ def test_overlay_of_native_scan_and_labels(tmp_path):
     plain = save_overlay(img, None, tmp_path / "plain.png", title="phantom")
     labelled = save_overlay(img, lab, tmp_path / "labelled.png", title="phantom")
     a, b = _png(plain.read_bytes()), _png(labelled.read_bytes())
-    assert a.shape == b.shape and a.shape[1] > 2 * a.shape[0]  # three panels side by side
+    assert a.shape[0] == b.shape[0] and a.shape[1] > 2 * a.shape[0]  # three panels side by side
+    assert b.shape[1] > a.shape[1]  # and the legend in a panel of its own beside them
+    b = b[:, : a.shape[1]]
     colour = np.abs(b[..., 0].astype(int) - b[..., 2].astype(int)) > 40  # labels tint the picture
     assert colour.mean() > 3 * max(np.mean(np.abs(a[..., 0].astype(int) - a[..., 2].astype(int)) > 40), 1e-3)
 

@@ -9,7 +9,7 @@ from helpers import TEST_CONFORM, TEST_SCHEME, dice_per_class, phantom_files
 from quicknat.checkpoint import Model, load_model
 from quicknat.data.phantom import make_phantom
 from quicknat.io import load_volume
-from quicknat.outputs import segment_files
+from quicknat.runner import segment_files
 from quicknat.segment import Segmenter
 
 PHANTOM = {"shape": (96, 96, 96), "spacing": (1.5, 1.5, 1.5)}
@@ -44,7 +44,7 @@ def test_fitted_model_segments_held_back_phantom(tiny_model):
 def test_output_geometry_equals_input(tmp_path, segmenter, orientation, spacing, rotation):
     shape = tuple(int(round(140 / s)) for s in spacing)
     ip, lp = phantom_files(tmp_path, 11, shape=shape, spacing=spacing, orientation=orientation, rotation_deg=rotation)
-    outcomes = segment_files([ip], tmp_path / "out", segmenter=segmenter)
+    outcomes = segment_files([ip], tmp_path / "out", segmenter=segmenter).outcomes
     assert outcomes[0].error is None
     seg = nib.load(str(tmp_path / "out" / "ph11_t1_seg.nii.gz"))
     src = nib.load(str(ip))
@@ -64,13 +64,15 @@ def test_outputs_and_tables(tmp_path, segmenter):
     ip, _ = phantom_files(tmp_path, 12, **PHANTOM)
     vol = load_volume(ip)
     res = segmenter.segment(vol, mc=4, posteriors=True, uncertainty=True)
-    # volumes: every structure, native voxel size, and the total
+    # volumes: every structure, native voxel size, then brain (no CSF) and intracranial
     rows = res.volumes()
-    assert [r["structure"] for r in rows] == TEST_SCHEME.names[1:] + ["Total"]
+    assert [r["structure"] for r in rows] == TEST_SCHEME.names[1:] + ["BrainSegVol", "IntracranialVol"]
     counts = np.bincount(res.classes.ravel(), minlength=TEST_SCHEME.num_classes)
-    for k, r in enumerate(rows[:-1], start=1):
+    for k, r in enumerate(rows[:-2], start=1):
         assert r["voxels"] == counts[k]
         assert r["volume_mm3"] == pytest.approx(counts[k] * 1.5**3, abs=1e-2)
+    csf = TEST_SCHEME.names.index("CSF")
+    assert rows[-2]["voxels"] == counts[1:].sum() - counts[csf]
     assert rows[-1]["voxels"] == counts[1:].sum()
     # MC-dropout QC
     qc = {r["structure"]: r for r in res.qc}
@@ -93,9 +95,11 @@ def test_outputs_and_tables(tmp_path, segmenter):
 def test_segment_files_writes_everything(tmp_path, segmenter):
     ip, _ = phantom_files(tmp_path / "in", 13, **PHANTOM)
     out = segment_files([ip], tmp_path / "out", segmenter=segmenter, mc=2, posteriors=True, uncertainty=True)
-    names = sorted(p.name for p in out[0].outputs)
-    assert names == sorted(f"ph13_t1_{s}" for s in ("seg.nii.gz", "volumes.csv", "qc.csv", "overlay.png",
-                                                   "posteriors.nii.gz", "uncertainty.nii.gz"))
+    names = sorted(p.name for p in out.outcomes[0].outputs)
+    assert names == sorted(f"ph13_t1_{s}" for s in ("seg.nii.gz", "seg.json", "volumes.csv", "qc.csv", "overlay.png",
+                                                   "posteriors.nii.gz", "posteriors.json", "uncertainty.nii.gz"))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [*names, "volumes.csv", "failures.csv", f"{TEST_SCHEME.name}_lut.txt"])
     with open(tmp_path / "out" / "ph13_t1_volumes.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["structure", "label", "voxels", "volume_mm3"]

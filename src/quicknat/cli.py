@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"quicknat: error: {message}\n")
 
 
+def _device(text: str) -> str:
+    """argparse type: auto, cpu, cuda, cuda:N or mps (checked before any work)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """argparse type: ``K/N`` with 1 <= K <= N."""
+    from .discover import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _count(text: str) -> int:
     """argparse type: an integer >= 1 (a bad value is a one-line usage error, exit 2)."""
     try:
@@ -37,7 +55,7 @@ def _count(text: str) -> int:
 
 
 def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto (CUDA when present), cpu, cuda[:N] or mps")
     if batch:
         p.add_argument("--batch-size", type=_count, default=None, help="slices per forward pass")
     p.add_argument("--threads", type=_count, default=None, help="CPU threads for PyTorch (default: all cores)")
@@ -71,11 +89,7 @@ def _add_prepare_parsers(sub) -> None:
     q.set_defaults(func=_cmd_prepare_labelmaps)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="quicknat", description="Fast whole-brain segmentation of T1 MRI with QuickNAT.")
-    parser.add_argument("--version", action="version", version=f"quicknat {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def _add_segment_parser(sub) -> None:
     p = sub.add_parser("segment", help="segment T1 scans (files or folders)")
     p.add_argument("inputs", nargs="*", type=Path, metavar="INPUT",
                    help="scans or folders of scans; none: the bundled example scan")
@@ -94,9 +108,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
     p.add_argument("--max-voxels", type=_count, default=None, metavar="N",
                    help="refuse scans with more voxels than this (default 2^28, about 645^3)")
+    p.add_argument("--pattern", default=None, metavar="GLOB",
+                   help="in input folders, take the files matching GLOB (default: BIDS *_T1w, FreeSurfer "
+                        "mri/orig.mgz, else every image but quicknat's outputs)")
+    p.add_argument("--bids", action="store_true",
+                   help="BIDS derivatives (automatic for a BIDS dataset root): DATASET/derivatives/quicknat/")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep scans whose outputs are complete and newer than the scan (resume a run)")
+    p.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                   help="segment the K-th of N shares of the inputs (automatic under torchrun)")
     _common(p)
     p.set_defaults(func=_cmd_segment)
 
+    p = sub.add_parser("stats", help="rebuild the cohort tables of an output folder (merges sharded runs)")
+    p.add_argument("folder", type=Path, help="a quicknat segment output folder")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(func=_cmd_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="quicknat", description="Fast whole-brain segmentation of T1 MRI with QuickNAT.")
+    parser.add_argument("--version", action="version", version=f"quicknat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    _add_segment_parser(sub)
     _add_prepare_parsers(sub)
 
     p = sub.add_parser("train", help="train QuickNAT views on a manifest")
@@ -134,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="draw a scan (and a segmentation) in three planes")
     p.add_argument("image", type=Path)
     p.add_argument("--seg", type=Path, default=None)
+    p.add_argument("--scheme", default=None,
+                   help="label names and colours: aseg33, tissue or a LUT file (default: from the labels)")
     p.add_argument("-o", "--output", type=Path, default=None)
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_cmd_show)
@@ -266,9 +303,9 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from .outputs import segment_files
+    from .runner import segment_files
 
-    outcomes = segment_files(
+    run = segment_files(
         args.inputs,
         args.output,
         model=args.model,
@@ -284,90 +321,54 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         clean=args.clean,
         progress=sys.stderr.isatty(),
         max_voxels=args.max_voxels,
+        pattern=args.pattern,
+        bids=args.bids,
+        skip_existing=args.skip_existing,
+        shard=args.shard,
+        log_file=True,
     )
-    failed = [o for o in outcomes if o.error]
-    for o in failed:
+    for o in run.failed:
         print(f"quicknat: error: {o.error}", file=sys.stderr)
-    done = [o for o in outcomes if not o.error]
-    if done:
-        where = {str(p.parent) for o in done for p in o.outputs}
-        print(f"segmented {len(done)} scan(s); wrote to {', '.join(sorted(where))}")
-    return 2 if failed else 0
+    kept = sum(o.skipped for o in run.outcomes)
+    done = len(run.outcomes) - len(run.failed) - kept
+    print(f"segmented {done} scan(s)" + (f", kept {kept} done before" if kept else "")
+          + (f", {len(run.failed)} failed (listed in {run.failures})" if run.failed else "")
+          + f"; volumes of all in {run.table}")
+    return 2 if run.failed else 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from .cohort import rebuild_tables
+
+    if not args.folder.is_dir():
+        raise QuicknatInputError(args.folder, "is not a folder")
+    table, failures, n, n_failed = rebuild_tables(args.folder)
+    if n == 0:
+        raise QuicknatInputError(args.folder, "holds no quicknat segmentations (no *_seg.json sidecars)")
+    print(f"wrote {table} ({n} scan(s))" + (f" and {failures} ({n_failed} failed)" if n_failed else ""))
+    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
     from .io import load_volume, stem
+    from .labels import get_scheme
     from .report import save_overlay
 
     image = load_volume(args.image)
     seg = load_volume(args.seg) if args.seg else None
     out = args.output or Path(f"{stem(args.image)}_show.png")
-    save_overlay(image, seg, out, title=args.image.name)
+    save_overlay(image, seg, out, scheme=get_scheme(args.scheme) if args.scheme else None, title=args.image.name)
     print(f"wrote {out}")
     return 0
-
-
-EXIT_CODES = """## Exit codes
-
-| code | meaning |
-|---:|---|
-| 0 | done |
-| 2 | bad input or options: one line `quicknat: error: PATH: problem` per failure, nothing half-written; \
-for `segment`, any scan that failed (the others are written) |
-| 1 | an error inside quicknat that is not about the input (please report it) |
-| 130 | interrupted (Ctrl-C); temporary files are removed, or cleaned up by the next run in that folder |
-
-What counts as bad input (exit 2, no output for that scan):
-
-- a header claiming more than 2^28 voxels (about 645^3; `--max-voxels` or `QUICKNAT_MAX_VOXELS`
-  raises it), or an uncompressed file shorter than its header says: refused before any voxel is read;
-- a constant image (all zero, say) or one with intensities beyond 1e30; a segmentation labelling
-  less than 1 mL (no brain found);
-- a config with an unknown key at any level, a value of the wrong type or out of range; a manifest
-  whose fields, scan IDs or split IDs do not hold together; an empty train split;
-- for `evaluate` and `prepare labelmaps`: label maps with non-integer or negative values, an empty
-  map, an image given as a label map, or a map with no ID of the scheme (IDs outside the scheme are
-  scored as background, with a warning naming them).
-
-A NIfTI whose qform and sform disagree is used with the sform (nibabel's choice) and a warning.
-"""
-
-
-def reference_markdown() -> str:
-    """The CLI reference (docs/cli.md), generated from the parser itself (100 columns wide)."""
-    import os
-
-    old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"
-    try:
-        return _reference()
-    finally:
-        if old is None:
-            del os.environ["COLUMNS"]
-        else:
-            os.environ["COLUMNS"] = old
-
-
-def _reference() -> str:
-    parser = build_parser()
-    out = ["# quicknat command-line reference", "",
-           "Generated from the parser (`python -m quicknat.cli --reference > docs/cli.md`); a test checks it "
-           "is current.", "", "```text", parser.format_help().rstrip(), "```", "", *EXIT_CODES.splitlines(), ""]
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for name, p in sub.choices.items():
-        out += [f"## quicknat {name}", "", "```text", p.format_help().rstrip(), "```", ""]
-        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
-        for a in nested:
-            for sname, sp in a.choices.items():
-                out += [f"### quicknat {name} {sname}", "", "```text", sp.format_help().rstrip(), "```", ""]
-    return "\n".join(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--reference"]:
-        print(reference_markdown(), end="")
+        from .clidoc import reference_markdown
+
+        print(reference_markdown(parser), end="")
         return 0
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -22,6 +22,7 @@ where one-hot is expected (the source tutorial's "mean Dice above 1") raises.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -101,8 +102,10 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) ->
     pa = torch.from_numpy(np.ascontiguousarray(a[box]))[None, None]
     pb = torch.from_numpy(np.ascontiguousarray(b[box]))[None, None]
     sp = [float(s) for s in spacing]
-    hd = compute_hausdorff_distance(pa, pb, include_background=True, percentile=95, spacing=sp)
-    asd = compute_average_surface_distance(pa, pb, include_background=True, symmetric=True, spacing=sp)
+    with warnings.catch_warnings():  # MONAI >= 1.5 warns about an argument its own code passes
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        hd = compute_hausdorff_distance(pa, pb, include_background=True, percentile=95, spacing=sp)
+        asd = compute_average_surface_distance(pa, pb, include_background=True, symmetric=True, spacing=sp)
     return float(hd.flatten()[0]), float(asd.flatten()[0])
 
 

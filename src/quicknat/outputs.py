@@ -1,32 +1,47 @@
-"""Outputs of segmentation, and running it over files and folders.
-
-:func:`write_outputs` writes one scan's files, all or nothing (see its docstring for files and
-columns); :func:`find_scans` expands files and folders; :func:`segment_files` runs a
-:class:`~quicknat.segment.Segmenter` over them with I/O streamed beside compute, a failing scan
-recorded and skipped.
+"""Outputs of segmentation: what each scan's files are called (plain or BIDS layout), writing
+them all or nothing (:func:`write_outputs`, see its docstring for files and columns), whether a
+scan's outputs are complete (``--skip-existing``) and the output folder's checks.
+:func:`quicknat.runner.segment_files` runs a cohort through these.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .checkpoint import Model
+from .atomic import atomic_paths
+from .cohort import SIDECAR_KIND, dseg_tsv, read_sidecar
 from .errors import QuicknatError, QuicknatInputError
-from .io import Volume, atomic_paths, csv_text, is_volume_file, load_volume, remove_stale_temps, save_volume, stem
-from .labels import ASEG_TO_TISSUE, merge_labels
+from .io import csv_text, save_volume
+from .labels import ASEG_TO_TISSUE, TISSUE, LabelScheme, merge_labels
 from .report import save_overlay
-from .segment import SegmentationResult, Segmenter
+from .segment import SegmentationResult
 
-log = logging.getLogger(__name__)
+#: File names per output kind: ``<name>_<suffix>`` (``{d}``: the scheme, ``aseg`` for aseg33).
+LAYOUTS: dict[str, dict[str, str]] = {
+    "plain": {
+        "sidecar": "seg.json", "seg": "seg.nii.gz", "volumes": "volumes.csv", "qc": "qc.csv",
+        "tissue": "tissue.nii.gz", "posteriors": "posteriors.nii.gz", "posteriors_sidecar": "posteriors.json",
+        "uncertainty": "uncertainty.nii.gz", "overlay": "overlay.png",
+    },
+    "bids": {
+        "sidecar": "desc-{d}_dseg.json", "seg": "desc-{d}_dseg.nii.gz", "lut": "desc-{d}_dseg.tsv",
+        "volumes": "desc-{d}_volumes.csv", "qc": "desc-{d}_qc.csv", "tissue": "desc-tissue_dseg.nii.gz",
+        "tissue_lut": "desc-tissue_dseg.tsv", "posteriors": "desc-{d}_probseg.nii.gz",
+        "posteriors_sidecar": "desc-{d}_probseg.json", "uncertainty": "desc-{d}entropy_map.nii.gz",
+        "overlay": "desc-{d}_overlay.png",
+    },
+}
+
+
+def output_names(name: str, scheme: LabelScheme, layout: str = "plain") -> dict[str, str]:
+    """Each output kind's file name for scan ``name`` (relative to its folder)."""
+    d = "aseg" if scheme.name == "aseg33" else scheme.name
+    return {kind: f"{name}_{suffix.format(d=d)}" for kind, suffix in LAYOUTS[layout].items()}
 
 
 def write_outputs(
@@ -35,49 +50,84 @@ def write_outputs(
     name: str,
     tissue: bool = False,
     overlay: bool = True,
+    *,
+    layout: str = "plain",
+    meta: dict | None = None,
 ) -> list[Path]:
-    """Write one scan's outputs; returns the paths. Files (``<name>`` = the scan's stem):
+    """Write one scan's outputs, all or nothing; returns the paths. Files (plain layout,
+    ``<name>`` = the scan's name in the run; :data:`LAYOUTS` gives the BIDS names):
 
     * ``<name>_seg.nii.gz``: label IDs, int16, the input's shape, affine and header.
-    * ``<name>_volumes.csv``: structure, label, voxels, volume_mm3 (every class, then Total).
+    * ``<name>_volumes.csv``: structure, label, voxels, volume_mm3 (every class, then
+      BrainSegVol and IntracranialVol, :func:`quicknat.cohort.volume_summary`).
+    * ``<name>_seg.json``: the sidecar: input, model, options, quicknat version and the files
+      written (renamed into place last, so its presence means the scan is complete).
     * ``<name>_qc.csv`` (MC dropout): structure, label, mean/std volume, cv, iou, passes.
     * ``<name>_overlay.png``: the scan and segmentation in three planes.
     * ``<name>_tissue.nii.gz`` (``tissue``): aseg33 merged to 1 CSF, 2 GM, 3 WM.
-    * ``<name>_posteriors.nii.gz``: class probabilities, 4D (X, Y, Z, C), float32.
+    * ``<name>_posteriors.nii.gz``: class probabilities, 4D (X, Y, Z, C), float32, with
+      ``<name>_posteriors.json`` naming the channels.
     * ``<name>_uncertainty.nii.gz``: voxel-wise entropy of the mean probability (nats).
+    * BIDS only: ``<name>_desc-aseg_dseg.tsv`` (index, name, colour).
     """
     outdir = Path(outdir)
     vol = result.volume
-    written: list[Path] = []
+    names = output_names(name, result.scheme, layout)
+    done: dict[str, str] = {}
 
     with atomic_paths() as staged:
+        sidecar = staged(outdir / names["sidecar"])  # staged first: renamed onto its name last
 
-        def stage(suffix: str) -> Path:
-            written.append(outdir / f"{name}_{suffix}")
-            return staged(written[-1])
+        def stage(kind: str) -> Path:
+            done[kind] = names[kind]
+            return staged(outdir / names[kind])
 
         labels = result.labels
-        save_volume(labels, vol.affine, stage("seg.nii.gz"), header=vol.header, dtype=np.int16)
-        (stage("volumes.csv")).write_text(csv_text(result.volumes()))
+        save_volume(labels, vol.affine, stage("seg"), header=vol.header, dtype=np.int16)
+        stage("volumes").write_text(csv_text(result.volumes()))
+        if layout == "bids":
+            stage("lut").write_text(dseg_tsv(result.scheme))
         if result.qc is not None:
-            stage("qc.csv").write_text(csv_text(result.qc))
+            stage("qc").write_text(csv_text(result.qc))
         if tissue:
             if result.scheme.name != "aseg33":
                 raise QuicknatError(f"--tissue needs an aseg33 model, not {result.scheme.name!r}")
-            save_volume(merge_labels(labels, ASEG_TO_TISSUE), vol.affine, stage("tissue.nii.gz"),
+            save_volume(merge_labels(labels, ASEG_TO_TISSUE), vol.affine, stage("tissue"),
                         header=vol.header, dtype=np.int16)
+            if layout == "bids":
+                stage("tissue_lut").write_text(dseg_tsv(TISSUE))
         if result.posteriors is not None:
             post = np.moveaxis(result.posteriors, 0, -1).astype(np.float32, copy=False)  # a view, no 2nd copy
-            save_volume(post, vol.affine, stage("posteriors.nii.gz"), dtype=np.float32)
+            save_volume(post, vol.affine, stage("posteriors"), dtype=np.float32)
+            channels = [{"channel": k, "label": c.label, "name": c.name} for k, c in enumerate(result.scheme.classes)]
+            stage("posteriors_sidecar").write_text(json.dumps(
+                {"Description": "class probabilities; the 4th axis is the channel", "channels": channels},
+                indent=1) + "\n")
         if result.uncertainty is not None:
-            unc_path = stage("uncertainty.nii.gz")
-            save_volume(result.uncertainty, vol.affine, unc_path, header=vol.header, dtype=np.float32)
+            save_volume(result.uncertainty, vol.affine, stage("uncertainty"), header=vol.header, dtype=np.float32)
         if overlay:
             save_overlay(
-                None, None, stage("overlay.png"), scheme=result.scheme,
+                None, None, stage("overlay"), scheme=result.scheme,
                 conformed=(result.conformed_image, result.conformed_classes), title=name,
             )
-    return written
+        info = {"kind": SIDECAR_KIND, "name": name, "scheme": result.scheme.name, **(meta or {}), "outputs": done}
+        sidecar.write_text(json.dumps(info, indent=1) + "\n")
+    return [outdir / names["sidecar"], *(outdir / f for f in done.values())]
+
+
+def is_complete(outdir: Path, name: str, scheme: LabelScheme, layout: str, source: Path,
+                wanted: Iterable[str]) -> bool:
+    """The scan's outputs are all there (its sidecar, every file it lists, each ``wanted`` kind)
+    and newer than ``source`` (``--skip-existing``)."""
+    side = Path(outdir) / output_names(name, scheme, layout)["sidecar"]
+    meta = read_sidecar(side)
+    if meta is None or not set(wanted) <= set(meta.get("outputs", {})):
+        return False
+    files = [side, *(side.parent / f for f in meta["outputs"].values())]
+    try:
+        return all(f.stat().st_mtime >= source.stat().st_mtime for f in files)
+    except OSError:
+        return False
 
 
 def check_output_folder(outdir: Path) -> None:
@@ -91,19 +141,6 @@ def check_output_folder(outdir: Path) -> None:
         raise QuicknatInputError(parent, "is not writable; choose another output folder (-o)")
 
 
-def find_scans(inputs: Iterable[str | Path]) -> list[tuple[Path, bool]]:
-    """Expand files and folders into (scan path, came from a folder) pairs, sorted per folder."""
-    out: list[tuple[Path, bool]] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and is_volume_file(q) and not q.name.startswith("."))
-            out.extend((q, True) for q in found)
-        else:
-            out.append((p, False))
-    return out
-
-
 def example_scan() -> Path:
     """The bundled example: nilearn's MNI152 2009 T1 template (1 mm), shipped with nilearn."""
     from nilearn.datasets import load_mni152_template
@@ -114,123 +151,3 @@ def example_scan() -> Path:
         img = load_mni152_template(resolution=1)
         save_volume(np.asarray(img.get_fdata(), dtype=np.float32), img.affine, path, dtype=np.float32)
     return path
-
-
-def _load(path: Path, limit: int | None = None) -> tuple[Volume, float]:
-    t = time.perf_counter()
-    return load_volume(path, limit=limit), time.perf_counter() - t
-
-
-def _settle(oc: ScanOutcome, job: Callable[[], object]) -> object:
-    """Run ``job``; a failure becomes the scan's error (and None is returned)."""
-    try:
-        return job()
-    except (QuicknatInputError, QuicknatError) as exc:
-        oc.error = str(exc)
-    except Exception as exc:  # one bad scan must not stop a cohort
-        log.debug("failure on %s", oc.path, exc_info=True)
-        oc.error = f"{oc.path}: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    return None
-
-
-def _submit(pool: ThreadPoolExecutor, stream: bool, fn, *args) -> Future:
-    """``fn(*args)`` in ``pool`` when streaming; else run now, its outcome in a done future."""
-    if stream:
-        return pool.submit(fn, *args)
-    done: Future = Future()
-    try:
-        done.set_result(fn(*args))
-    except Exception as exc:
-        done.set_exception(exc)
-    return done
-
-
-@dataclass
-class ScanOutcome:
-    path: Path
-    outputs: list[Path] = field(default_factory=list)
-    error: str | None = None
-    from_folder: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def segment_files(
-    inputs: Sequence[str | Path],
-    outdir: str | Path | None = None,
-    *,
-    model: Model | str | Path | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    mc: int = 0,
-    tissue: bool = False,
-    posteriors: bool = False,
-    uncertainty: bool = False,
-    overlay: bool = True,
-    amp: bool = False,
-    flip: bool = True,
-    clean: bool = False,
-    progress: bool = False,
-    segmenter: Segmenter | None = None,
-    stream: bool = True,
-    max_voxels: int | None = None,
-) -> list[ScanOutcome]:
-    """Segment scans (files or folders); a scan that fails is recorded and skipped.
-
-    The model is loaded before any scan is read, so a missing model fails once, up front.
-    With ``stream`` (the default), I/O overlaps compute: the next scan is read in one thread and
-    the previous scan's outputs are written in another while the current scan is segmented; at
-    most one scan is read ahead and one result waits to be written. ``stream=False`` does one
-    thing at a time (the reference: both write the same files). ``max_voxels`` raises the
-    voxel limit of :func:`quicknat.io.max_voxels` for these scans.
-    """
-    outdir = Path(outdir) if outdir is not None else Path("quicknat_out")
-    check_output_folder(outdir)
-    if uncertainty and mc < 1:
-        raise QuicknatInputError(None, "--uncertainty needs --mc N (the entropy over N MC-dropout passes)")
-    scans = find_scans(inputs) if inputs else []
-    if inputs and not scans:
-        raise QuicknatInputError(Path(inputs[0]), "holds no scans (.nii, .nii.gz, .mgz, .mgh, .img)")
-    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean)
-    if not inputs:
-        scans = find_scans([example_scan()])
-    remove_stale_temps(outdir)
-    outcomes = [ScanOutcome(path, from_folder=from_folder) for path, from_folder in scans]
-
-    def write(oc: ScanOutcome, res: SegmentationResult) -> None:
-        t = time.perf_counter()
-        oc.outputs = write_outputs(res, outdir, stem(oc.path), tissue=tissue, overlay=overlay)
-        res.timings["write"] = time.perf_counter() - t
-        oc.timings = res.timings
-
-    def finish(oc: ScanOutcome, job: Future | None) -> None:
-        if job is not None:
-            _settle(oc, job.result)
-        if oc.error is None:  # a failure is the caller's to report, once
-            log.info("%s: wrote %d files", oc.path, len(oc.outputs))
-
-    def compute(reading: Future) -> SegmentationResult:
-        vol, seconds = reading.result()
-        res = seg.segment(vol, mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0)
-        res.timings["load"] = seconds
-        return res
-
-    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        def read(i: int) -> Future | None:
-            return _submit(reader, stream, _load, outcomes[i].path, max_voxels) if i < len(outcomes) else None
-
-        reading = read(0)
-        writing: tuple[ScanOutcome, Future] | None = None
-        for i, oc in enumerate(tqdm(outcomes, desc="segment", unit="scan", disable=not progress)):
-            current = reading
-            reading = read(i + 1)
-            res = _settle(oc, lambda current=current: compute(current))
-            if writing is not None:  # at most one result waits to be written
-                finish(*writing)
-                writing = None
-            if res is not None:
-                writing = (oc, _submit(writer, stream, write, oc, res))
-            else:
-                finish(oc, None)
-        if writing is not None:
-            finish(*writing)
-    return outcomes

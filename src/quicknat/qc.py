@@ -15,18 +15,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .labels import LabelScheme
 
 
 def mc_dropout_passes(aggregate: Callable[[], torch.Tensor], passes: int, scheme: LabelScheme,
-                      voxel_volume: float) -> tuple[torch.Tensor, list[dict]]:
+                      voxel_volume: float, progress: bool = False) -> tuple[torch.Tensor, list[dict]]:
     """Run ``aggregate()`` (one stochastic pass: probabilities (C, ...)) ``passes`` times;
     returns the mean probability and one QC row per foreground structure."""
     c = scheme.num_classes
     mean = volumes = seen = first = agree = None
     volumes = torch.zeros((passes, c), dtype=torch.float64)
-    for k in range(passes):
+    for k in tqdm(range(passes), desc="MC passes", unit="pass", leave=False, disable=not progress):
         p = aggregate()
         if mean is None:
             mean = torch.zeros_like(p)

@@ -20,7 +20,7 @@ import numpy as np
 from .conform import ConformSettings, plan_conform
 from .errors import QuicknatInputError
 from .io import Volume, atomic_write_bytes, atomic_write_text, csv_text, load_volume, same_grid
-from .labels import ASEG33, ASEG_TO_TISSUE, LabelScheme, merge_labels
+from .labels import ASEG33, ASEG_TO_TISSUE, TISSUE, LabelScheme, merge_labels
 from .views import VIEWS
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,11 @@ def render_overlay(
     from matplotlib.patches import Patch
 
     centre = _centre(image, classes)
-    fig = Figure(figsize=(15, 5.6), facecolor="black")
-    axes = fig.subplots(1, 3)
+    present = [int(c) for c in np.unique(classes) if c > 0] if classes is not None else []
+    ncol = 1 if len(present) <= 24 else 2
+    side = [0.5 * ncol + 0.05] if present else []  # the legend's own panel, beside the images
+    fig = Figure(figsize=(15 * (3 + sum(side)) / 3, 5.6), facecolor="black")
+    axes = fig.subplots(1, 3 + len(side), gridspec_kw={"width_ratios": [1, 1, 1, *side]})
     for ax, (spec, img, cls) in zip(axes, _panels(image, classes, centre)):
         ax.imshow(img, cmap="gray", vmin=0, vmax=max(float(np.percentile(image, 99.5)), 1e-6), interpolation="nearest")
         if cls is not None:
@@ -81,17 +84,20 @@ def render_overlay(
             ax.imshow(rgba, interpolation="nearest")
         ax.set_title(spec.name, color="white")
         ax.axis("off")
-        if spec.lateral_in_plane:
-            ax.text(0.02, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=12)
-            ax.text(0.95, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=12)
-    if classes is not None:
-        present = [int(c) for c in np.unique(classes) if c > 0]
+        if spec.lateral_in_plane:  # at the head's upper corners, radiological: R on the left
+            cols = np.flatnonzero(img.max(axis=0) > 0.05 * img.max())
+            rows = np.flatnonzero(img.max(axis=1) > 0.05 * img.max())
+            x0, x1 = (cols[0], cols[-1]) if cols.size else (0, img.shape[1] - 1)
+            y0 = rows[0] if rows.size else 0
+            ax.text(x0, y0, "R", color="yellow", fontsize=12, ha="left", va="bottom")
+            ax.text(x1, y0, "L", color="yellow", fontsize=12, ha="right", va="bottom")
+    if present:
+        axes[3].axis("off")
         handles = [Patch(facecolor=colors[c] / 255.0, label=names[c]) for c in present]
-        if handles:
-            fig.legend(handles=handles, loc="center right", fontsize=7, ncol=1 if len(handles) <= 24 else 2,
-                       facecolor="black", labelcolor="white", frameon=False)
+        axes[3].legend(handles=handles, loc="center left", fontsize=7, ncol=ncol, facecolor="black",
+                       labelcolor="white", frameon=False, borderaxespad=0)
     fig.suptitle(title, color="white")
-    fig.subplots_adjust(left=0.01, right=0.80 if classes is not None else 0.99, top=0.9, bottom=0.02, wspace=0.02)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.02, wspace=0.02)
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, facecolor="black")
     return buf.getvalue()
@@ -108,8 +114,9 @@ def save_overlay(
     """Draw a scan (and a label map) in three planes through the brain's centre.
 
     Either ``conformed=(image, class map)`` already in conformed space with ``scheme``, or a
-    native ``image`` and optional ``seg`` label map (any label IDs; FreeSurfer colours and names
-    for aseg IDs) that are conformed here (labels through one-hot resampling, never interpolated).
+    native ``image`` and optional ``seg`` label map (any label IDs; names and colours from
+    ``scheme``, else from ``tissue`` for maps holding IDs 0-3 only, else from FreeSurfer's aseg)
+    that are conformed here (labels through one-hot resampling, never interpolated).
     """
     if conformed is not None:
         img, classes = conformed
@@ -126,7 +133,8 @@ def save_overlay(
                 raise QuicknatInputError(seg.path, "segmentation and image are on different grids")
             compact, ids = _compact(seg.array)
             classes = plan.classes(compact, len(ids))
-            known = {c.label: c for c in ASEG33.classes}
+            scheme = scheme or (TISSUE if max(ids) <= 3 else ASEG33)  # tissue maps hold 0-3 only
+            known = {c.label: c for c in scheme.classes}
             cmap = _fallback_colors(len(ids))
             colors = np.array([known[i].color if i in known else cmap[n] for n, i in enumerate(ids)], dtype=np.uint8)
             names = [known[i].name if i in known else f"label {i}" for i in ids]

@@ -1,7 +1,7 @@
 """Three-view QuickNAT inference: conform, slice, predict, aggregate, map back, write.
 
 ``Segmenter(model).segment(volume)`` runs the whole chain on one scan and returns a
-:class:`SegmentationResult` on the scan's own grid; :func:`quicknat.outputs.segment_files` runs
+:class:`SegmentationResult` on the scan's own grid; :func:`quicknat.runner.segment_files` runs
 it over files and folders and writes the outputs (:func:`quicknat.outputs.write_outputs`).
 
 Aggregation follows QuickNAT: each view's softmax probabilities are added, in place, into one
@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm.auto import tqdm
 
 from .checkpoint import Model, load_model
+from .cohort import volume_summary
 from .conform import ConformPlan, plan_conform
 from .device import resolve_device
 from .errors import QuicknatInputError
@@ -87,7 +89,8 @@ class SegmentationResult:
         return self.scheme.decode(self.classes)
 
     def volumes(self) -> list[dict]:
-        """Volume (mm³) of every structure of the scheme, from the native voxel size."""
+        """Volume (mm³) of every structure of the scheme, from the native voxel size, then
+        ``BrainSegVol`` and ``IntracranialVol`` (:func:`quicknat.cohort.volume_summary`)."""
         counts = np.bincount(self.classes.reshape(-1).astype(np.int64), minlength=self.scheme.num_classes)
         vv = self.volume.voxel_volume
         rows = [
@@ -100,9 +103,7 @@ class SegmentationResult:
             for k, c in enumerate(self.scheme.classes)
             if k != 0
         ]
-        total = int(counts[1:].sum())
-        rows.append({"structure": "Total", "label": "", "voxels": total, "volume_mm3": round(total * vv, 3)})
-        return rows
+        return rows + volume_summary(rows)
 
 
 class Segmenter:
@@ -142,6 +143,7 @@ class Segmenter:
         clean: bool = False,
     ):
         self.model = load_model(model)
+        self.progress = False  # tqdm bars over views and MC passes (segment_files sets it on a terminal)
         self.flip = flip
         self.clean = clean
         self.paths = paths
@@ -203,7 +205,7 @@ class Segmenter:
     def _aggregate(self, image: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
         shape = tuple(b.stop - b.start for b in box)
         acc = torch.zeros((self.scheme.num_classes, *shape), dtype=torch.float32, device=self.device)
-        for name in self.nets:
+        for name in tqdm(self.nets, desc="views", unit="view", leave=False, disable=not self.progress):
             self._view_pass(name, image, box, acc, self.weights[name])
         # The sagittal expansion copies a merged pair's probability to both sides, so the sum
         # exceeds 1 there; renormalise (the argmax is unchanged).
@@ -281,7 +283,7 @@ class Segmenter:
 
     def _mc(self, image: torch.Tensor, box: tuple[slice, ...], passes: int) -> tuple[torch.Tensor, list[dict]]:
         return mc_dropout_passes(lambda: self._aggregate(image, box), passes, self.scheme,
-                                 self.settings.voxel_size**3)
+                                 self.settings.voxel_size**3, progress=self.progress)
 
 
 def keep_brain_component(probs: torch.Tensor, voxel_size: float, bridge_mm: float = 3.0) -> int:

@@ -292,6 +292,7 @@ def _tensorboard(run: _Run):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        log.info("no tensorboard/ folder: install the tensorboard extra (pip install 'quicknat[tensorboard]')")
         return None
     return SummaryWriter(str(run.vdir / "tensorboard"))
 
