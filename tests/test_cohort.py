@@ -205,3 +205,19 @@ def test_show_names_tissue_labels_as_tissue(tmp_path, monkeypatch):
     assert seen.pop("names") == ["Background", "Grey-Matter", "White-Matter"]  # not aseg's L WM / L cortex
     assert main(["show", str(ip), "--seg", str(lp), "--scheme", "aseg33", "-o", str(tmp_path / "b.png")]) == 0
     assert seen.pop("names") == ["Unknown", "Left-Cerebral-White-Matter", "Left-Cerebral-Cortex"]
+
+
+def test_checks_before_work_never_import_torch(tmp_path):
+    """-o naming a file, an empty folder, a bad flag: refused before torch is imported (the
+    import alone takes seconds), so the user hears of it at once."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    (tmp_path / "empty").mkdir()
+    code = ("import sys; from quicknat.cli import main; "
+            f"codes = [main(['segment', {str(tmp_path)!r}, '-o', {str(afile)!r}]), "
+            f"main(['segment', {str(tmp_path / 'empty')!r}, '-o', {str(tmp_path / 'o')!r}]), "
+            f"main(['segment', {str(tmp_path)!r}, '--uncertainty'])]; "
+            "print(codes, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[2, 2, 2] False", out.stderr
+    assert out.stderr.count("quicknat: error:") == 3

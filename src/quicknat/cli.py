@@ -303,6 +303,10 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .discover import plan_run
+
+    plan_run(args.inputs, args.output, pattern=args.pattern, bids=args.bids, mc=args.mc,
+             uncertainty=args.uncertainty)  # every check that needs no model, before torch is imported
     from .runner import segment_files
 
     run = segment_files(

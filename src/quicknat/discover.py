@@ -198,3 +198,31 @@ def select_shard(scans: list[ScanInput], shard: tuple[int, int] | None) -> list[
         return scans
     k, n = shard
     return scans[k - 1 :: n]
+
+
+def check_output_folder(outdir: Path) -> None:
+    """Before any work: ``outdir`` is a folder (or can become one) that this user can write."""
+    if outdir.exists() and not outdir.is_dir():
+        raise QuicknatInputError(outdir, "is a file; the output (-o) must be a folder")
+    parent = outdir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QuicknatInputError(parent, "is not writable; choose another output folder (-o)")
+
+
+def plan_run(inputs: list[str | Path], outdir: str | Path | None, *, pattern: str | None = None,
+             bids: bool = False, mc: int = 0, uncertainty: bool = False) -> tuple[Discovery, Path]:
+    """Everything a segmentation run checks before any work (no model, no voxel read): the
+    flags, the inputs found and named, the output folder (default ``quicknat_out``, or
+    ``derivatives/quicknat`` of a BIDS dataset). Returns the discovery and the output folder."""
+    if uncertainty and mc < 1:
+        raise QuicknatInputError(None, "--uncertainty needs --mc N (the entropy over N MC-dropout passes)")
+    found = find_inputs(list(inputs), pattern=pattern, bids=bids,
+                        exclude=Path(outdir) if outdir is not None else Path("quicknat_out"))
+    if inputs and not found.scans:
+        raise QuicknatInputError(Path(inputs[0]), "holds no scans to segment; " + found.summary())
+    if outdir is None:
+        outdir = found.bids_root / "derivatives" / "quicknat" if found.bids_root is not None else "quicknat_out"
+    check_output_folder(Path(outdir))
+    return found, Path(outdir)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import atomic_paths
 from .cohort import SIDECAR_KIND, dseg_tsv, read_sidecar
-from .errors import QuicknatError, QuicknatInputError
+from .errors import QuicknatError
 from .io import csv_text, save_volume
 from .labels import ASEG_TO_TISSUE, TISSUE, LabelScheme, merge_labels
 from .report import save_overlay
@@ -128,17 +128,6 @@ def is_complete(outdir: Path, name: str, scheme: LabelScheme, layout: str, sourc
         return all(f.stat().st_mtime >= source.stat().st_mtime for f in files)
     except OSError:
         return False
-
-
-def check_output_folder(outdir: Path) -> None:
-    """Before any work: ``outdir`` is a folder (or can become one) that this user can write."""
-    if outdir.exists() and not outdir.is_dir():
-        raise QuicknatInputError(outdir, "is a file; the output (-o) must be a folder")
-    parent = outdir
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise QuicknatInputError(parent, "is not writable; choose another output folder (-o)")
 
 
 def example_scan() -> Path:

@@ -24,10 +24,10 @@ from . import __version__
 from .atomic import remove_stale_temps
 from .checkpoint import Model, installed_models
 from .cohort import cohort_rows, write_cohort_table, write_dataset_description, write_failures, write_lut
-from .discover import Discovery, find_inputs, select_shard, shard_from_env
+from .discover import Discovery, find_inputs, plan_run, select_shard, shard_from_env
 from .errors import QuicknatError, QuicknatInputError
 from .io import Volume, load_volume
-from .outputs import check_output_folder, example_scan, is_complete, output_names, write_outputs
+from .outputs import example_scan, is_complete, output_names, write_outputs
 from .segment import SegmentationResult, Segmenter
 
 log = logging.getLogger(__name__)
@@ -160,9 +160,7 @@ def segment_files(
     thread and the previous scan's outputs are written in another while the current scan is
     segmented. ``max_voxels`` raises the voxel limit of :func:`quicknat.io.max_voxels`.
     """
-    if uncertainty and mc < 1:
-        raise QuicknatInputError(None, "--uncertainty needs --mc N (the entropy over N MC-dropout passes)")
-    found, outdir = _plan(inputs, outdir, pattern=pattern, bids=bids)
+    found, outdir = plan_run(list(inputs), outdir, pattern=pattern, bids=bids, mc=mc, uncertainty=uncertainty)
     bids_mode = found.bids_root is not None
     shard = shard or shard_from_env()
     if shard is not None and device == "auto" and torch.cuda.is_available():
@@ -197,19 +195,6 @@ def segment_files(
         table = write_cohort_table(table_path, cohort_rows(done))
         fails = write_failures(failures_path, [(str(o.path), o.error or "") for o in outcomes if o.error])
     return RunSummary(outcomes, outdir, found, table, fails)
-
-
-def _plan(inputs: Sequence[str | Path], outdir: str | Path | None, *, pattern: str | None,
-          bids: bool) -> tuple[Discovery, Path]:
-    """Find and name the inputs; choose and check the output folder (before any work)."""
-    found = find_inputs(list(inputs), pattern=pattern, bids=bids,
-                        exclude=Path(outdir) if outdir is not None else Path("quicknat_out"))
-    if inputs and not found.scans:
-        raise QuicknatInputError(Path(inputs[0]), "holds no scans to segment; " + found.summary())
-    if outdir is None:
-        outdir = found.bids_root / "derivatives" / "quicknat" if found.bids_root is not None else "quicknat_out"
-    check_output_folder(Path(outdir))
-    return found, Path(outdir)
 
 
 def _outcomes(scans: list, outdir: Path, scheme, layout: str, wanted: list[str] | None) -> list[ScanOutcome]:
@@ -253,8 +238,9 @@ def _run(todo, seg: Segmenter, stream: bool, progress: bool, max_voxels: int | N
         if job is not None:
             _settle(oc, job.result)
         if oc.error is None:  # a failure is the caller's to report, once
-            log.info("[%d/%d] %s: %.1f s -> %s", i + 1, n, oc.name, sum(oc.timings.values()), oc.outputs[1])
-            log.debug("    %s", _timing_text(oc.timings))
+            took = sum(v for k, v in oc.timings.items() if k not in ("load", "write"))  # these overlap other scans
+            log.info("[%d/%d] %s: segmented in %.1f s -> %s", i + 1, n, oc.name, took, oc.outputs[1])
+            log.debug("    stages (reading and writing overlap the next scan): %s", _timing_text(oc.timings))
 
     def compute(reading: Future) -> SegmentationResult:
         vol, seconds = reading.result()

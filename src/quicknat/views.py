@@ -17,11 +17,14 @@ The weights are QuickNAT's (Roy et al. 2019) aggregation weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .labels import LabelScheme
+
+if TYPE_CHECKING:  # torch is not imported at run time: the CLI reads this table before any work
+    import torch
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,7 @@ def slices(volume: np.ndarray | torch.Tensor, view: str | ViewSpec):
     """View of a (..., X, Y, Z) array as a stack of 2D slices: (N, ..., H, W) along the view's axis."""
     spec = get_view(view) if isinstance(view, str) else view
     axis = volume.ndim - 3 + spec.axis
-    if isinstance(volume, torch.Tensor):
+    if not isinstance(volume, np.ndarray):  # a torch tensor
         return volume.movedim(axis, 0)
     return np.moveaxis(volume, axis, 0)
 
