@@ -17,7 +17,7 @@ from quicknat.train import train_view  # noqa: E402
 
 def main() -> None:
     manifest, rundir = load_manifest(sys.argv[1]), Path(sys.argv[2])
-    cfg = tiny_config(num_filters=4, epochs=2, batch_size=4)
+    cfg = tiny_config(num_filters=4, epochs=2, batch_size=4, steps_per_epoch=5)
     torch.set_num_threads(1)
     nets = []
     train_view("coronal", manifest, rundir, cfg, device="cpu", on_end=nets.append)

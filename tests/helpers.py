@@ -66,7 +66,7 @@ def tiny_config(**kw):
     from quicknat.config import TrainConfig
 
     base = dict(num_filters=8, dropout=0.1, optimizer="adam", lr=5e-3, weight_decay=0.0, epochs=4,
-                steps_per_epoch=25, batch_size=8, augment=None, conform=TEST_CONFORM, lr_step=3, lr_gamma=0.2)
+                steps_per_epoch=15, batch_size=8, augment=None, conform=TEST_CONFORM, lr_step=3, lr_gamma=0.2)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -161,7 +161,7 @@ def test_bids_dataset_gives_bids_derivatives(tmp_path, tiny_model):
 
 
 def test_two_shards_give_the_table_of_one_run_and_skip_existing_resumes(tmp_path, tiny_model, capsys):
-    for i in range(3):
+    for i in range(3):  # s0 and s2 go to shard 1, s1 to shard 2
         scan(tmp_path / "in" / f"s{i}.nii.gz", 10 + i)
     common = [str(tmp_path / "in"), "--model", str(tiny_model), *FAST, "--threads", "1"]
     assert main(["segment", *common, "-o", str(tmp_path / "one")]) == 0

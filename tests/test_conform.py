@@ -52,12 +52,14 @@ def test_oblique_1mm_round_trip_through_probabilities(rotation):
     plan = plan_conform(img, ConformSettings(shape=(180, 192, 172)))
     assert not plan.exact
     cls, _ = ASEG33.encode(lab.array)
-    probs = plan.onehot(cls, 33)
+    present, cls = np.unique(cls, return_inverse=True)  # only the classes the phantom holds (cheaper)
+    cls = cls.reshape(lab.array.shape).astype(np.uint8)
+    probs = plan.onehot(cls, len(present))
     back = plan.probs_to_native(probs)
     assert back.shape == cls.shape
     dice = dice_per_class(back, cls, np.unique(cls))
     worst = min(dice, key=dice.get)
-    assert dice[worst] >= 0.98, (ASEG33.names[worst], dice[worst])
+    assert dice[worst] >= 0.98, (ASEG33.names[present[worst]], dice[worst])
 
 
 def test_anisotropic_geometry_and_labels():

@@ -138,7 +138,8 @@ def test_segment_refuses_images_with_nothing_to_segment(tmp_path, capsys, array,
     assert main(["segment", str(scan), "-o", str(tmp_path / "out"), "--no-overlay"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].count(str(scan)) == 1 and why in err[0]
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not list((tmp_path / "out").glob("scan_*"))  # nothing of the scan; the run's failures.csv names it
+    assert str(scan) in (tmp_path / "out" / "failures.csv").read_text()
 
 
 def test_a_segmentation_with_almost_no_brain_is_a_failure(tmp_path):

@@ -79,7 +79,8 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
     aug = AugmentConfig(elastic=0.0)
     cfg = tiny_config(num_filters=6, epochs=3, steps_per_epoch=4, batch_size=4, deterministic=True, augment=aug,
                       lr_step=1, lr_gamma=0.5)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # bitwise-equal runs
     try:
         train_view("axial", m, tmp_path / "a", cfg, device="cpu")
         with pytest.raises(KeyboardInterrupt):
@@ -88,7 +89,7 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path):
         assert len(first) == 1  # last.pt holds epoch 1
         train_view("axial", m, tmp_path / "b", cfg, device="cpu", resume=True)
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     ha = json.loads((tmp_path / "a" / "axial" / "history.json").read_text())
     hb = json.loads((tmp_path / "b" / "axial" / "history.json").read_text())
     assert len(ha) == len(hb) == 3

@@ -186,14 +186,14 @@ def segment_files(
         _run(todo, seg, stream, progress, max_voxels,
              lambda oc, res, where, s: write_outputs(
                  res, where, s.name, tissue=tissue, overlay=overlay, layout=layout,
-                 meta={**meta, "input": str(s.path)}),
+                 meta={**meta, "input": str(s.path.resolve())}),
              dict(mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0))
         write_lut(outdir, seg.scheme)
         if bids_mode:
             write_dataset_description(outdir, __version__)
         done = [o.outputs[0] for o in outcomes if not o.error and o.outputs]
         table = write_cohort_table(table_path, cohort_rows(done))
-        fails = write_failures(failures_path, [(str(o.path), o.error or "") for o in outcomes if o.error])
+        fails = write_failures(failures_path, [(str(o.path.resolve()), o.error or "") for o in outcomes if o.error])
     return RunSummary(outcomes, outdir, found, table, fails)
 
 

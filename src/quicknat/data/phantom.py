@@ -68,15 +68,23 @@ def phantom_affine(
 
 
 def _place_structures(labels: np.ndarray, v: np.ndarray, rng: np.random.Generator) -> None:
-    """Draw the deep structures (ellipsoids, mirrored for left/right pairs) into ``labels``."""
+    """Draw the deep structures (ellipsoids, mirrored for left/right pairs) into ``labels``.
+
+    Only the points inside the box that holds every possible ellipsoid (largest centre offset
+    and radius the jitter allows) are tested: the same labels, a fraction of the work."""
+    c_all, r_all = np.array([s[2] for s in _STRUCTURES]), np.array([s[3] for s in _STRUCTURES])
+    reach = (np.abs(c_all) + 0.015 + r_all * 1.35 * 1.1).max(0) + 1e-3
+    near = np.flatnonzero((np.abs(v) <= reach.astype(np.float32)[:, None]).all(0))
+    vn, sub = v[:, near], labels[near]
     for left_id, right_id, c, r in _STRUCTURES:
         c = np.array(c) + rng.uniform(-0.015, 0.015, 3)
         r = np.array(r) * 1.35 * rng.uniform(0.9, 1.1, 3)
         sides = [(left_id, 0.0)] if right_id is None else [(left_id, -1.0), (right_id, 1.0)]
         for lab, sx in sides:
             cx = np.array([c[0] * sx, c[1], c[2]], dtype=np.float32)
-            d = (v - cx[:, None]) / r.astype(np.float32)[:, None]
-            labels[(d**2).sum(0) < 1.0] = lab
+            d = (vn - cx[:, None]) / r.astype(np.float32)[:, None]
+            sub[(d**2).sum(0) < 1.0] = lab
+    labels[near] = sub
 
 
 def _render(image_key: np.ndarray, world: np.ndarray, radius: float, rng: np.random.Generator, bias: float,
@@ -137,6 +145,7 @@ def make_phantom(
         k = rng.normal(0, 2.5, (3, 3))
         ph = rng.uniform(0, 2 * np.pi, 3)
         a = rng.uniform(0.5, 1.0, 3) * amp
+        k, ph, a = k.astype(np.float32), ph.astype(np.float32), a.astype(np.float32)  # float32: 2x faster
         return 1.0 + sum(a[n] * np.sin(k[n] @ p + ph[n]) for n in range(3))
 
     rho_head = np.sqrt((u**2).sum(0)) * wobble(u, 0.02)
