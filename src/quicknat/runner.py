@@ -238,7 +238,8 @@ def _run(todo, seg: Segmenter, stream: bool, progress: bool, max_voxels: int | N
         if job is not None:
             _settle(oc, job.result)
         if oc.error is None:  # a failure is the caller's to report, once
-            took = sum(v for k, v in oc.timings.items() if k not in ("load", "write"))  # these overlap other scans
+            took = oc.timings.get("total", 0.0)  # conform, network, back to the scan's grid (reading and
+            # writing overlap the neighbouring scans)
             log.info("[%d/%d] %s: segmented in %.1f s -> %s", i + 1, n, oc.name, took, oc.outputs[1])
             log.debug("    stages (reading and writing overlap the next scan): %s", _timing_text(oc.timings))
 
