@@ -221,3 +221,18 @@ def test_checks_before_work_never_import_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[2, 2, 2] False", out.stderr
     assert out.stderr.count("quicknat: error:") == 3
+
+
+def test_bids_files_given_one_by_one_find_their_dataset(tmp_path):
+    from quicknat.discover import plan_run
+
+    ds = tmp_path / "ds"
+    touch(ds / "dataset_description.json")
+    t1 = touch(ds / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz")
+    found, out = plan_run([t1], None, bids=True)
+    assert out == ds / "derivatives" / "quicknat" and found.scans[0].subdir == "sub-01/ses-2/anat"
+    loose = touch(tmp_path / "loose" / "sub-09_T1w.nii.gz")
+    with pytest.raises(QuicknatInputError, match="no BIDS dataset"):
+        plan_run([loose], None, bids=True)
+    found, out = plan_run([loose], tmp_path / "der", bids=True)
+    assert found.bids and found.scans[0].subdir == "sub-09/anat"

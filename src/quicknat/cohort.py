@@ -2,9 +2,8 @@
 
 * :func:`volume_summary`: the summary rows of a scan's volumes: ``BrainSegVol`` (every labelled
   structure except ventricles and CSF) and ``IntracranialVol``, estimated from the segmentation
-  as brain plus ventricles plus labelled CSF. It leaves out the CSF the model does not label
-  (most of the subarachnoid space around the cortex), so it is below a true ICV; it is what
-  SynthSeg's ``total intracranial`` and FreeSurfer's ``BrainSegVol`` users use to normalise.
+  as brain plus ventricles plus labelled CSF (as SynthSeg's ``total intracranial``): as good as
+  the model's CSF class (docs/outputs.md), for normalising within one cohort and one model.
 * :func:`cohort_rows` / :func:`write_cohort_table`: one row per scan, one column per structure
   (mm³), the two summary volumes, the model and the quicknat version, built from each scan's
   sidecar (``<name>_seg.json`` or BIDS ``<name>_desc-*_dseg.json``) and volumes CSV, so

@@ -47,6 +47,7 @@ class Discovery:
     scans: list[ScanInput]
     skipped: Counter = field(default_factory=Counter)
     bids_root: Path | None = None
+    bids: bool = False  # outputs named and placed the BIDS way
 
     def summary(self) -> str:
         """One line: what was found and what was skipped."""
@@ -139,9 +140,10 @@ def find_inputs(inputs: list[str | Path], *, pattern: str | None = None, exclude
                 found.append(path)
             else:
                 skipped[why] += 1
-    if bids and bids_root is None:
-        bids_root = Path(os.path.commonpath([p.parent.resolve() for p in found])) if found else None
-    return Discovery(name_inputs(found, bids=bids or bids_root is not None), skipped, bids_root)
+    if bids and bids_root is None and found:  # files given one by one: the dataset above them
+        bids_root = next((a for a in found[0].resolve().parents if is_bids_root(a)), None)
+    bids = bids or bids_root is not None
+    return Discovery(name_inputs(found, bids=bids), skipped, bids_root, bids)
 
 
 def name_inputs(paths: list[Path], *, bids: bool = False) -> list[ScanInput]:
@@ -222,6 +224,9 @@ def plan_run(inputs: list[str | Path], outdir: str | Path | None, *, pattern: st
                         exclude=Path(outdir) if outdir is not None else Path("quicknat_out"))
     if inputs and not found.scans:
         raise QuicknatInputError(Path(inputs[0]), "holds no scans to segment; " + found.summary())
+    if outdir is None and found.bids and found.bids_root is None:
+        raise QuicknatInputError(Path(inputs[0]), "has no BIDS dataset (dataset_description.json) above it; "
+                                 "give the derivatives folder with -o")
     if outdir is None:
         outdir = found.bids_root / "derivatives" / "quicknat" if found.bids_root is not None else "quicknat_out"
     check_output_folder(Path(outdir))

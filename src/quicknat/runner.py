@@ -161,7 +161,7 @@ def segment_files(
     segmented. ``max_voxels`` raises the voxel limit of :func:`quicknat.io.max_voxels`.
     """
     found, outdir = plan_run(list(inputs), outdir, pattern=pattern, bids=bids, mc=mc, uncertainty=uncertainty)
-    bids_mode = found.bids_root is not None
+    bids_mode = found.bids
     shard = shard or shard_from_env()
     if shard is not None and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0] - 1)) % torch.cuda.device_count()}"
