@@ -305,8 +305,8 @@ def _setup(args: argparse.Namespace) -> None:
 def _cmd_segment(args: argparse.Namespace) -> int:
     from .discover import plan_run
 
-    plan_run(args.inputs, args.output, pattern=args.pattern, bids=args.bids, mc=args.mc,
-             uncertainty=args.uncertainty)  # every check that needs no model, before torch is imported
+    plan = plan_run(args.inputs, args.output, pattern=args.pattern, bids=args.bids, mc=args.mc,
+                    uncertainty=args.uncertainty)  # every check that needs no model, before torch is imported
     from .runner import segment_files
 
     run = segment_files(
@@ -330,6 +330,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         skip_existing=args.skip_existing,
         shard=args.shard,
         log_file=True,
+        plan=plan,
     )
     for o in run.failed:
         print(f"quicknat: error: {o.error}", file=sys.stderr)

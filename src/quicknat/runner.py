@@ -143,6 +143,7 @@ def segment_files(
     skip_existing: bool = False,
     shard: tuple[int, int] | None = None,
     log_file: bool = False,
+    plan: tuple[Discovery, Path] | None = None,
 ) -> RunSummary:
     """Segment scans (files or folders, found and named by :func:`quicknat.discover.find_inputs`);
     a scan that fails is recorded and skipped.
@@ -158,9 +159,11 @@ def segment_files(
     ``outdir`` is given. ``skip_existing`` keeps scans whose outputs are complete and newer than
     their input. With ``stream`` (the default), I/O overlaps compute: the next scan is read in one
     thread and the previous scan's outputs are written in another while the current scan is
-    segmented. ``max_voxels`` raises the voxel limit of :func:`quicknat.io.max_voxels`.
+    segmented. ``max_voxels`` raises the voxel limit of :func:`quicknat.io.max_voxels`. ``plan``: the
+    result of :func:`quicknat.discover.plan_run` for these arguments, when the caller already has it.
     """
-    found, outdir = plan_run(list(inputs), outdir, pattern=pattern, bids=bids, mc=mc, uncertainty=uncertainty)
+    found, outdir = plan or plan_run(list(inputs), outdir, pattern=pattern, bids=bids, mc=mc,
+                                     uncertainty=uncertainty)
     bids_mode = found.bids
     shard = shard or shard_from_env()
     if shard is not None and device == "auto" and torch.cuda.is_available():
