@@ -101,3 +101,15 @@ def test_augmentation_is_seeded_and_flip_swaps_sides(cache):
     full.set_epoch(1)
     assert not torch.equal(x1, full[i]["image"])
     assert set(full[i]["label"].unique().tolist()) <= set(range(TEST_SCHEME.num_classes))
+
+
+def test_manifest_splits_and_all():
+    from quicknat.data.manifest import Manifest
+
+    scans = [Scan(f"s{i}", f"s{i}", f"s{i}.nii.gz", f"s{i}_seg.nii.gz") for i in range(5)]
+    m = Manifest("d", "aseg33", scans, {"train": ["s0", "s1", "s2"], "validation": ["s3"], "test": ["s4"]})
+    assert [s.id for s in m.scans_in("all")] == ["s0", "s1", "s2", "s3", "s4"]
+    assert [s.id for s in m.scans_in("train")] == ["s0", "s1", "s2"]
+    assert [s.id for s in m.scans_in("test")] == ["s4"]
+    with pytest.raises(ValueError, match="split must be one of"):
+        m.scans_in("bogus")

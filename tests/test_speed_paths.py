@@ -89,6 +89,16 @@ def test_probability_argmax_with_class_selection_equals_reference(kind):
     assert_agree(slow, ref)
 
 
+def test_probability_argmax_when_a_tile_touches_only_the_last_input_voxel():
+    # 9 input voxels at 8x finer output spacing: the output's last row maps onto the input's last
+    # voxel centre, so the tile holding it reads a one-voxel box (which once divided by zero)
+    probs = smooth_probs((9, 9, 9), 4, seed=1)
+    m = np.eye(4)
+    m[:3, :3] = np.diag([0.125] * 3) @ np.array([[1, 0, 0], [0, 1, 1e-7], [0, -1e-7, 1]])  # not axis-aligned
+    out_shape = (65, 65, 65)
+    assert np.array_equal(prob_argmax_resample(probs, m, out_shape), reference_argmax(probs, m, out_shape))
+
+
 def test_class_map_resampling_equals_one_hot_reference():
     cls = smooth_probs((30, 34, 28), 7, seed=5).argmax(0).numpy().astype(np.uint8)
     m = oblique_matrix(0.6, (5, 10, -7))

@@ -139,6 +139,26 @@ def test_dataset_soft_target_weights_and_sagittal_merge(head):
     assert len(ds) == 6
 
 
+def test_dataset_crops_around_the_labelled_region(head):
+    s = LabelMapSynth(head, ASEG33, S)
+    whole = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=4, seed=2)
+    crop = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=4, seed=2, crop=48)
+    for i in range(4):
+        a, b = whole[i], crop[i]
+        assert b["image"].shape == (1, 48, 48) and b["target"].shape == (33, 48, 48)
+        assert b["weight"].shape == (48, 48)
+        # the crop is a window of the whole slice, holding most of its labelled pixels
+        img, win = a["image"][0].numpy(), b["image"][0].numpy()
+        hits = [(r, c) for r in range(33) for c in range(33) if np.array_equal(img[r:r + 48, c:c + 48], win)]
+        assert len(hits) == 1
+        r, c = hits[0]
+        fg = (a["label"] > 0).numpy()
+        assert fg[r:r + 48, c:c + 48].sum() >= 0.6 * fg.sum()
+        assert torch.equal(b["label"], a["label"][r:r + 48, c:c + 48])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        SynthConfig(crop=40)
+
+
 def test_loss_soft_target_equals_hard_on_one_hot():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn((2, 5, 16, 16), generator=g)

@@ -17,6 +17,7 @@ helper.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -134,7 +135,12 @@ def _source_box(m: np.ndarray, start, stop, in_shape) -> tuple[np.ndarray, np.nd
     lo, hi = _box_through(m, start, stop)
     a = np.maximum(np.floor(lo).astype(int), 0)
     b = np.minimum(np.floor(hi).astype(int) + 2, np.array(in_shape))
-    return None if np.any(b <= a) else (a, b)
+    if np.any(b <= a):
+        return None
+    # at least two voxels along each axis where the input has them (grid_sample's normalisation
+    # divides by the box's size - 1; a box at the input's last voxel would otherwise hold one)
+    b = np.minimum(np.maximum(b, a + 2), np.array(in_shape))
+    return np.minimum(a, np.maximum(b - 2, 0)), b
 
 
 def axis_aligned(m: np.ndarray, tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -219,13 +225,15 @@ def resample_grid(src: torch.Tensor, m: np.ndarray, out_shape, mode: str, chunk:
     return out
 
 
-def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, separable: bool = True) -> np.ndarray:
-    """Argmax over trilinearly resampled class channels, slab by slab of the output grid.
+def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, separable: bool = True,
+                 tile: int = 64) -> np.ndarray:
+    """Argmax over trilinearly resampled class channels, tile by tile of the output grid.
 
     ``channels(start, stop)`` returns ``(class ids, (K, ...) float tensor)`` for the input box
-    ``start:stop``: only the classes present there. For each slab of ``chunk`` output rows,
-    only the input box that trilinear sampling touches is read, and only the classes present
-    in it are resampled; output voxels outside the input's footprint are class 0.
+    ``start:stop``: only the classes present there. For each tile of ``chunk`` x ``tile`` x
+    ``tile`` output voxels, only the input box that trilinear sampling touches is read, and only
+    the classes present in it are resampled (a tile holds a few of a brain's structures, a
+    whole slab most of them); output voxels outside the input's footprint are class 0.
     """
     shape = tuple(int(s) for s in out_shape)
     out = torch.zeros(shape, dtype=torch.int16)
@@ -235,22 +243,23 @@ def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, 
     stop = np.minimum(np.ceil(hi).astype(int) + 2, np.array(shape))
     if np.any(stop <= start):
         return out.numpy()
-    for a in range(int(start[0]), int(stop[0]), chunk):
-        s0 = np.array([a, start[1], start[2]])
-        s1 = np.array([min(a + chunk, int(stop[0])), stop[1], stop[2]])
+    corners = itertools.product(*(range(int(start[k]), int(stop[k]), chunk if k == 0 else tile) for k in range(3)))
+    for corner in corners:
+        s0 = np.array(corner)
+        s1 = np.minimum(s0 + np.array([chunk, tile, tile]), stop)
         box = _source_box(m, s0, s1, in_shape)
         if box is None:
             continue
         ids, src = channels(*box)
         if len(ids) == 0:
             continue
-        sub = sub_matrix(m, s0)  # slab index -> index in the input box
+        sub = sub_matrix(m, s0)  # tile index -> index in the input box
         sub[:3, 3] -= box[0]
         r = resample(src, sub, tuple(int(v) for v in s1 - s0), "bilinear", chunk=chunk, separable=separable)
         best, arg = r.max(0)
         cls = torch.as_tensor(ids, dtype=torch.int16)[arg]
         cls[best <= 0] = 0
-        out[a : s1[0], s0[1] : s1[1], s0[2] : s1[2]] = cls
+        out[s0[0] : s1[0], s0[1] : s1[1], s0[2] : s1[2]] = cls
     return out.numpy()
 
 

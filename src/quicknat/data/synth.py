@@ -85,6 +85,7 @@ class SynthConfig:
     noise_max: float = 12.0
     gamma_std: float = 0.3
     soft: bool = True  # sub-voxel averaging and soft targets when the grid is coarser than the maps
+    crop: int = 0  # train on crops of crop x crop pixels around the slice's labelled region (0: whole slices)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -105,6 +106,8 @@ class SynthConfig:
         for name in ("flip", "random_share", "strip_prob", "head_slices", "thick_prob"):
             if getattr(self, name) > 1:
                 raise ValueError(f"synth.{name} is a probability (0-1)")
+        if not isinstance(self.crop, int) or self.crop % 16:
+            raise ValueError("synth.crop must be 0 (whole slices) or a multiple of 16 (the network pools 4 times)")
         if self.deform_grid < 2 or self.bias_grid < 2:
             raise ValueError("synth.deform_grid and synth.bias_grid must be at least 2")
 

@@ -28,11 +28,18 @@ class SynthSliceDataset(torch.utils.data.Dataset):
     Items match :class:`~quicknat.data.slices.SliceDataset` (image (1, H, W), label (H, W) in
     the view's scheme, QuickNAT's weight map) plus ``target`` (C, H, W): the soft class target
     the loss uses (see :class:`quicknat.losses.QuickNATLoss`). ``label`` is its most likely class.
+
+    With ``crop`` (pixels, 0 for whole slices) each item is a ``crop`` x ``crop`` window whose
+    centre is that of the slice's labelled region moved by up to a quarter of the window (seeded
+    with the item), kept inside the slice: the network sees less empty field per step (a 96² crop
+    of a 128² slice costs 56 % of its compute), and being fully convolutional it segments whole
+    slices at inference.
     """
 
     def __init__(self, synth: LabelMapSynth, view: str, class_weights: np.ndarray, edge_weight: float,
-                 length: int, seed: int = 0):
+                 length: int, seed: int = 0, crop: int = 0):
         self.synth = synth
+        self.crop = crop
         self.spec = get_view(view)
         self.merge = torch.from_numpy(self.spec.merge_index(synth.scheme))
         self.num_classes = self.spec.scheme(synth.scheme).num_classes
@@ -54,6 +61,8 @@ class SynthSliceDataset(torch.utils.data.Dataset):
         t = torch.from_numpy(target)
         if self.num_classes != t.shape[0]:
             t = torch.zeros((self.num_classes, *t.shape[1:])).index_add_(0, self.merge, t)
+        if self.crop:
+            img, t = self._crop(img, t, s)
         cls = t.argmax(0).numpy()
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img))[None],
@@ -61,6 +70,23 @@ class SynthSliceDataset(torch.utils.data.Dataset):
             "target": t,
             "weight": torch.from_numpy(weight_map(cls, self.class_weights, self.edge_weight)),
         }
+
+
+    def _crop(self, img: np.ndarray, t: torch.Tensor, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+        c = self.crop
+        g = torch.Generator().manual_seed(seed + 1)
+        fg = (t[0] < 0.5).numpy()
+        corner = []
+        for a, n in enumerate(img.shape):
+            if c >= n:
+                corner.append(0)
+                continue
+            hits = np.flatnonzero(fg.any(axis=1 - a))
+            centre = (hits[0] + hits[-1]) / 2.0 if hits.size else (n - 1) / 2.0
+            jitter = float(torch.empty(1).uniform_(-c / 4, c / 4, generator=g))
+            corner.append(int(min(max(round(centre + jitter - c / 2), 0), n - c)))
+        win = tuple(slice(k, k + c) for k in corner)
+        return img[win], t[(slice(None), *win)]
 
 
 class SynthVolumes:
@@ -97,7 +123,7 @@ def synthetic_training_data(manifest: Manifest, scheme: LabelScheme, view: str, 
         counts += np.bincount(scheme.encode(arr)[0].reshape(-1), minlength=scheme.num_classes)
     weights = class_weights_for(counts, spec.merge_index(scheme), spec.scheme(scheme).num_classes, weight_cap)
     generator = LabelMapSynth(train_maps, scheme, settings, synth)
-    data = SynthSliceDataset(generator, view, weights, edge_weight, length, seed)
+    data = SynthSliceDataset(generator, view, weights, edge_weight, length, seed, crop=synth.crop)
     label_only = [it for it in val_items if it[1] is None]
     real = [it for it in val_items if it[1] is not None]
     val_synth = LabelMapSynth(maps(label_only), scheme, settings, replace(synth, soft=False))
