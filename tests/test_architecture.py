@@ -43,3 +43,16 @@ def test_no_view_branching_outside_the_view_table():
                     for c in node.comparators):
                 bad.append(f"{f.name}:{node.lineno}")
     assert not bad, bad
+
+
+def test_functions_and_modules_stay_readable():
+    """No function in src/ over 80 lines; no module over 400 lines except the label table."""
+    long_functions, long_modules = [], []
+    for f in ROOT.joinpath("src").rglob("*.py"):
+        text = f.read_text()
+        if text.count("\n") > 400 and f.name != "labels.py":
+            long_modules.append(f"{f.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{f.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert not long_functions and not long_modules, (long_functions, long_modules)
