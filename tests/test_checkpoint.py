@@ -118,15 +118,19 @@ def test_shipped_default_model():
     m = load_model(None)
     assert set(m.views) == {"coronal", "axial", "sagittal"} and m.scheme.name == "aseg33"
     assert m.weights == {"coronal": 0.4, "axial": 0.4, "sagittal": 0.2}
-    for ck in m.views.values():
+    for view, ck in m.views.items():
         raw = torch.load(ck.path, weights_only=True)
         assert raw["state_dict"]["classifier.weight"].dtype == torch.float16
         assert "Apache" in ck.provenance["data"]["source"]
         stages = [s["recipe"] for s in ck.provenance["stages"]]
+        # v4 (crops) trained the coronal and axial views; the sagittal view's last stage is v3
+        last = ["configs/synth_cpu_v4.yaml"] if view != "sagittal" else []
         assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml", "configs/synth_cpu_v2.yaml",
-                          "configs/synth_cpu_v3.yaml"]
-        # the last stage (T1-like samples only) trained all three views
+                          "configs/synth_cpu_v3.yaml", *last]
+        # the last stages (T1-like samples only) trained all three views
         assert ck.provenance["config"]["synth"]["random_share"] == 0.0
+        assert ck.provenance["config"]["synth"].get("crop", 0) == (96 if last else 0)
+        assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == 0.667
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 
