@@ -8,8 +8,8 @@ Every mapping takes the 4x4 matrix from *output* voxel indices to *input* voxel 
 * Axis-aligned mappings with other voxel sizes run as three 1D linear interpolations
   (:func:`resample` with ``separable``); anything else (rotations) through ``grid_sample``.
 * Class maps travel as probabilities, never as interpolated label IDs: :func:`argmax_resample`
-  and :func:`prob_argmax_resample` resample slab by slab and only the classes present in each
-  slab's source box (a class below 1e-3 there cannot win the argmax, so this is exact).
+  and :func:`prob_argmax_resample` resample tile by tile and only the classes present in each
+  tile's source box (a class below 1e-3 there cannot win the argmax, so this is exact).
 
 :mod:`quicknat.conform` builds its plans on these; :func:`bounding_box` is quicknat's one box
 helper.
@@ -225,7 +225,7 @@ def resample_grid(src: torch.Tensor, m: np.ndarray, out_shape, mode: str, chunk:
     return out
 
 
-def _slab_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, separable: bool = True,
+def _tile_argmax(channels, m: np.ndarray, in_shape, out_shape, chunk: int = 16, separable: bool = True,
                  tile: int = 64) -> np.ndarray:
     """Argmax over trilinearly resampled class channels, tile by tile of the output grid.
 
@@ -268,7 +268,7 @@ def prob_argmax_resample(
 ) -> np.ndarray:
     """Argmax of trilinearly resampled class probabilities (C, X, Y, Z) on the output grid.
 
-    Fast route: classes whose probability stays below ``threshold`` in a slab's input box are
+    Fast route: classes whose probability stays below ``threshold`` in a tile's input box are
     skipped (when the probabilities sum to one over at most a few hundred classes, such a class
     cannot be the argmax there), and axis-aligned mappings are resampled separably. Reference
     route (``fast=False``): every class through ``grid_sample``.
@@ -283,11 +283,11 @@ def prob_argmax_resample(
         ids = (region.amax(dim=(1, 2, 3)) > threshold).nonzero().flatten()
         return ids.tolist(), region.index_select(0, ids)
 
-    return _slab_argmax(channels, m, p.shape[1:], out_shape, separable=fast).astype(dtype)
+    return _tile_argmax(channels, m, p.shape[1:], out_shape, separable=fast).astype(dtype)
 
 
 def argmax_resample(class_map: np.ndarray, num_classes: int, m: np.ndarray, out_shape) -> np.ndarray:
-    """Resample a class map through one-hot probabilities (the classes present, slab by slab)."""
+    """Resample a class map through one-hot probabilities (the classes present, tile by tile)."""
     cm = torch.from_numpy(np.ascontiguousarray(class_map)).long()
     dtype = np.uint8 if num_classes <= 256 else np.int16
 
@@ -296,4 +296,4 @@ def argmax_resample(class_map: np.ndarray, num_classes: int, m: np.ndarray, out_
         ids = torch.unique(region)
         return ids.tolist(), (region[None] == ids[:, None, None, None]).float()
 
-    return _slab_argmax(channels, m, cm.shape, out_shape).astype(dtype)
+    return _tile_argmax(channels, m, cm.shape, out_shape).astype(dtype)

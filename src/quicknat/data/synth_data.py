@@ -71,7 +71,6 @@ class SynthSliceDataset(torch.utils.data.Dataset):
             "weight": torch.from_numpy(weight_map(cls, self.class_weights, self.edge_weight)),
         }
 
-
     def _crop(self, img: np.ndarray, t: torch.Tensor, seed: int) -> tuple[np.ndarray, torch.Tensor]:
         c = self.crop
         g = torch.Generator().manual_seed(seed + 1)
