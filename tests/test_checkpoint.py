@@ -154,3 +154,34 @@ def test_export_gathers_views_for_shipping(tmp_path, tiny_model):
     assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
     card.write_text("[1, 2]")
     assert main(["export", str(tiny_model), "-o", str(tmp_path / "y"), "--provenance", str(card)]) == 2
+
+
+def test_export_view_weights(tmp_path, tiny_model, capsys):
+    import json
+
+    from quicknat.cli import main
+
+    def weights(folder):
+        return {v: e["weight"] for v, e in json.loads((folder / "model.json").read_text())["views"].items()}
+
+    assert main(["export", str(tiny_model), "-o", str(tmp_path / "eq"),
+                 "--weights", "coronal=1", "axial=1", "sagittal=1.5"]) == 0
+    assert weights(tmp_path / "eq") == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
+    assert load_model(tmp_path / "eq").weights == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
+    # re-exporting a model folder keeps its weights; a view from a plain run folder gets its default
+    last = tiny_model / "coronal" / "last.pt"
+    assert main(["export", str(tmp_path / "eq"), str(last), "-o", str(tmp_path / "re")]) == 0
+    assert weights(tmp_path / "re") == {"coronal": 0.4, "axial": 1.0, "sagittal": 1.5}
+    for bad, says in ((["sagittal=-1"], "weight must be a number >= 0"), (["sagital=1"], "does not hold"),
+                      (["coronal"], "expected VIEW=NUMBER"),
+                      (["coronal=0", "axial=0", "sagittal=0"], "sum to 0")):
+        capsys.readouterr()
+        assert main(["export", str(tiny_model), "-o", str(tmp_path / "bad"), "--weights", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and "Traceback" not in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "bad" / "model.json").exists()
+    spec = json.loads((tmp_path / "eq" / "model.json").read_text())
+    spec["views"]["axial"]["weight"] = float("nan")
+    (tmp_path / "eq" / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(QuicknatInputError, match="axial view's weight"):
+        load_model(tmp_path / "eq")

@@ -156,3 +156,20 @@ def test_keep_brain_component_drops_a_scalp_rim_and_keeps_the_brain():
     out = (probs.argmax(0) > 0).numpy()
     assert (out & brain).sum() == brain.sum() and not (out & rim).any() and removed >= rim.sum()
     assert torch.allclose(probs.sum(0), torch.ones(40, 40, 40))
+
+
+def test_view_probabilities_weighted_are_the_aggregate(tiny_model):
+    from helpers import conformed_pair
+
+    model = load_model(tiny_model)
+    weighted = Model(model.views, {"coronal": 1.0, "axial": 2.0, "sagittal": 3.0}, model.path)
+    seg = Segmenter(weighted, device="cpu", flip=False)
+    img, _, _, _ = conformed_pair(5, TEST_SCHEME, model.conform, shape=(48, 48, 48), spacing=(2.5, 2.5, 2.5))
+    per_view = seg.view_probabilities(img)
+    assert set(per_view) == {"coronal", "axial", "sagittal"}
+    assert torch.allclose(per_view["coronal"].sum(0), torch.ones(1))  # a view with sides sums to one
+    acc = sum(w * per_view[v] for v, w in weighted.weights.items())
+    acc /= acc.sum(0, keepdim=True)
+    assert torch.allclose(acc, seg.probabilities(img), atol=1e-5)
+    # the weights matter: sagittal alone differs from the aggregate
+    assert not torch.allclose(per_view["sagittal"] / per_view["sagittal"].sum(0, keepdim=True), acc, atol=1e-3)

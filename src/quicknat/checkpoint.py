@@ -28,9 +28,11 @@ import datetime as _dt
 import io as _io
 import json
 import logging
+import math
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -246,24 +248,32 @@ def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: 
 
 
 def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict[str, Any] | None = None,
-                 half: bool = True) -> Path:
+                 half: bool = True, weights: dict[str, float] | None = None) -> Path:
     """Gather view checkpoints into a model folder for shipping: weights only (float16 by
     default), without training state, ``provenance`` merged into each view's provenance.
 
     ``sources`` are checkpoint files or run/model folders (their ``VIEW.pt`` files); each
     checkpoint says which view it holds, and a later source's view replaces an earlier one's.
+    A view's aggregation weight is, in order of precedence: ``weights``; the weight its source
+    model folder's ``model.json`` gives it; the view's default (:data:`quicknat.views.VIEWS`).
     """
     out = Path(out)
     found: dict[str, ViewCheckpoint] = {}
+    inherited: dict[str, float] = {}
     for src in map(Path, sources):
         files = [src / f"{v}.pt" for v in VIEWS if (src / f"{v}.pt").exists()] if src.is_dir() else [src]
         if not files:
             raise QuicknatInputError(src, "holds no view checkpoint (coronal.pt, axial.pt, sagittal.pt)")
+        listed = load_model(src).weights if (src / "model.json").is_file() else {}
         for f in files:
             ck = load_checkpoint(f)
             found[ck.view] = ck
+            inherited.pop(ck.view, None)
+            if ck.view in listed:
+                inherited[ck.view] = listed[ck.view]
     views = {v: found[v] for v in VIEWS if v in found}
-    model = Model(views, {v: VIEWS[v].weight for v in views}, out)  # schemes and conform settings agree
+    chosen = check_weights({v: VIEWS[v].weight for v in views} | inherited | (weights or {}), views, out)
+    model = Model(views, chosen, out)  # schemes and conform settings agree
     paths = {}
     for view, ck in views.items():
         ck.training_state = None
@@ -271,6 +281,32 @@ def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict
         paths[view] = save_checkpoint(ck, out / f"{view}.pt", half=half)
     save_model(out, paths, model.weights)
     return out
+
+
+def check_weights(weights: dict[str, float], views: Iterable[str], where: str | Path) -> dict[str, float]:
+    """View aggregation weights, checked: views of the model, finite and non-negative."""
+    views = set(views)
+    for v, w in weights.items():
+        if v not in views:
+            raise QuicknatInputError(where, f"a weight for the {v} view, which the model does not hold "
+                                            f"(views: {', '.join(sorted(views))})")
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise QuicknatInputError(where, f"the {v} view's weight must be a number >= 0, not {w!r}")
+    if weights and sum(weights.values()) <= 0:
+        raise QuicknatInputError(where, "the view weights sum to 0")
+    return {v: float(w) for v, w in weights.items()}
+
+
+def parse_view_weights(items: list[str]) -> dict[str, float]:
+    """``["coronal=1", "axial=0.5"]`` -> ``{"coronal": 1.0, "axial": 0.5}`` (the CLI's ``--weights``)."""
+    weights = {}
+    for item in items:
+        view, _, value = item.partition("=")
+        try:
+            weights[view] = float(value)
+        except ValueError:
+            raise QuicknatInputError(None, f"--weights {item!r}: expected VIEW=NUMBER") from None
+    return weights
 
 
 def installed_models() -> dict[str, Path]:
@@ -321,4 +357,5 @@ def load_model(model: str | Path | Model | None = None) -> Model:
     views = {v: load_checkpoint(p) for v, (p, _) in entries.items()}
     for v in views:
         get_view(v)
-    return Model(views, {v: w for v, (_, w) in entries.items()}, path)
+    weights = check_weights({v: w for v, (_, w) in entries.items()}, views, spec_path if spec_path.is_file() else path)
+    return Model(views, weights, path)

@@ -184,9 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="gather view checkpoints into a model folder for shipping (float16)")
     p.add_argument("sources", nargs="+", type=Path, help="checkpoints or run folders; later ones replace a view")
     p.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
-    p.add_argument("--provenance", type=Path, default=None,
-                   help="JSON object merged into each view's provenance (the model card's facts)")
+    p.add_argument("--provenance", type=Path, help="JSON object merged into each view's provenance (model card)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.add_argument("--weights", nargs="+", default=None, metavar="VIEW=W",
+                   help="view weights, e.g. coronal=1 axial=1 sagittal=1 (default: a source model folder's, else "
+                        "0.4/0.4/0.2); bench/view_weights.py measures them")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_cmd_export)
     return parser
@@ -266,7 +268,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_model
+    from .checkpoint import export_model, parse_view_weights
 
     extra = None
     if args.provenance is not None:
@@ -276,7 +278,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise QuicknatInputError(args.provenance, f"cannot read provenance JSON ({exc})") from None
         if not isinstance(extra, dict):
             raise QuicknatInputError(args.provenance, "provenance must be a JSON object")
-    out = export_model(args.sources, args.output, provenance=extra, half=not args.float32)
+    out = export_model(args.sources, args.output, provenance=extra, half=not args.float32,
+                       weights=parse_view_weights(args.weights) if args.weights else None)
     print(f"wrote model to {out}")
     return 0
 

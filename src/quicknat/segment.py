@@ -5,9 +5,10 @@
 it over files and folders and writes the outputs (:func:`quicknat.outputs.write_outputs`).
 
 Aggregation follows QuickNAT: each view's softmax probabilities are added, in place, into one
-accumulator with the view's weight (0.4 coronal, 0.4 axial, 0.2 sagittal; the sagittal view's
-merged left/right classes are copied to both sides first, and the sum is renormalised to a
-probability per voxel). The network sees whole conformed slices, as in
+accumulator with the view's weight (the model's ``model.json``: 0.4 coronal, 0.4 axial, 0.2
+sagittal by default, equal for the shipped model, measured by ``bench/view_weights.py``; the
+sagittal view's merged left/right classes are copied to both sides first, and the sum is
+renormalised to a probability per voxel). The network sees whole conformed slices, as in
 training, but only slices that cross the head's bounding box are run and only the box is kept;
 empty slices add background without running the network.
 
@@ -220,6 +221,21 @@ class Segmenter:
         for net in self.nets.values():
             set_mc_dropout(net, False)
         return self._aggregate(image, tuple(slice(0, n) for n in image.shape))
+
+    @torch.inference_mode()
+    def view_probabilities(self, conformed: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each view's class probabilities (C, X, Y, Z) on the conformed grid, unweighted, as they
+        enter the aggregate (a sagittal merged pair's probability is on both sides, unnormalised):
+        :meth:`probabilities` is their weighted sum, normalised. For choosing the view weights
+        (``bench/view_weights.py``); it holds one volume of probabilities per view."""
+        image = torch.as_tensor(np.asarray(conformed, dtype=np.float32))
+        box = tuple(slice(0, n) for n in image.shape)
+        out = {}
+        for name, net in self.nets.items():
+            set_mc_dropout(net, False)
+            out[name] = torch.zeros((self.scheme.num_classes, *image.shape), dtype=torch.float32, device=self.device)
+            self._view_pass(name, image, box, out[name], 1.0)
+        return out
 
     @torch.inference_mode()
     def segment(
