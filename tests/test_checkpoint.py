@@ -114,23 +114,27 @@ def test_missing_model(tmp_path, monkeypatch):
         load_model(tmp_path / "nope")
 
 
+REAL_WITH_FLIP = 0.725  # the model card's real-scan figure (bench/default_model_accuracy.py)
+
+
 def test_shipped_default_model():
     m = load_model(None)
     assert set(m.views) == {"coronal", "axial", "sagittal"} and m.scheme.name == "aseg33"
-    assert m.weights == {"coronal": 0.4, "axial": 0.4, "sagittal": 0.2}
+    assert m.weights == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.0}  # chosen by bench/view_weights.py
     for view, ck in m.views.items():
         raw = torch.load(ck.path, weights_only=True)
         assert raw["state_dict"]["classifier.weight"].dtype == torch.float16
         assert "Apache" in ck.provenance["data"]["source"]
         stages = [s["recipe"] for s in ck.provenance["stages"]]
-        # v4 (crops) trained the coronal and axial views; the sagittal view's last stage is v3
-        last = ["configs/synth_cpu_v4.yaml"] if view != "sagittal" else []
+        # the v4 recipe (crops) trained the coronal and axial views twice (stages v4, v5), the sagittal once (v5)
+        crops = ["configs/synth_cpu_v4.yaml"] * (1 if view == "sagittal" else 2)
         assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml", "configs/synth_cpu_v2.yaml",
-                          "configs/synth_cpu_v3.yaml", *last]
+                          "configs/synth_cpu_v3.yaml", *crops]
         # the last stages (T1-like samples only) trained all three views
         assert ck.provenance["config"]["synth"]["random_share"] == 0.0
-        assert ck.provenance["config"]["synth"].get("crop", 0) == (96 if last else 0)
-        assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == 0.667
+        assert ck.provenance["config"]["synth"]["crop"] == 96
+        assert ck.provenance["view_weights"]["chosen"] == {"coronal": 1, "axial": 1, "sagittal": 1}
+        assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == REAL_WITH_FLIP
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 
@@ -168,10 +172,14 @@ def test_export_view_weights(tmp_path, tiny_model, capsys):
                  "--weights", "coronal=1", "axial=1", "sagittal=1.5"]) == 0
     assert weights(tmp_path / "eq") == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
     assert load_model(tmp_path / "eq").weights == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
-    # re-exporting a model folder keeps its weights; a view from a plain run folder gets its default
+    # replacing a view of a model folder keeps the model's weights; a lone checkpoint gets its view's default
     last = tiny_model / "coronal" / "last.pt"
     assert main(["export", str(tmp_path / "eq"), str(last), "-o", str(tmp_path / "re")]) == 0
-    assert weights(tmp_path / "re") == {"coronal": 0.4, "axial": 1.0, "sagittal": 1.5}
+    assert weights(tmp_path / "re") == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
+    assert main(["export", str(tmp_path / "eq"), str(tiny_model), "-o", str(tmp_path / "re2")]) == 0  # run folder
+    assert weights(tmp_path / "re2") == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.5}
+    assert main(["export", str(last), "-o", str(tmp_path / "run")]) == 0
+    assert weights(tmp_path / "run") == {"coronal": 0.4}
     for bad, says in ((["sagittal=-1"], "weight must be a number >= 0"), (["sagital=1"], "does not hold"),
                       (["coronal"], "expected VIEW=NUMBER"),
                       (["coronal=0", "axial=0", "sagittal=0"], "sum to 0")):

@@ -254,8 +254,9 @@ def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict
 
     ``sources`` are checkpoint files or run/model folders (their ``VIEW.pt`` files); each
     checkpoint says which view it holds, and a later source's view replaces an earlier one's.
-    A view's aggregation weight is, in order of precedence: ``weights``; the weight its source
-    model folder's ``model.json`` gives it; the view's default (:data:`quicknat.views.VIEWS`).
+    A view's aggregation weight is, in order of precedence: ``weights``; the weight the first
+    source's ``model.json`` gives it when that source is a model folder (the model being updated:
+    replacing its views keeps its weights); the view's default (:data:`quicknat.views.VIEWS`).
     """
     out = Path(out)
     found: dict[str, ViewCheckpoint] = {}
@@ -264,13 +265,11 @@ def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict
         files = [src / f"{v}.pt" for v in VIEWS if (src / f"{v}.pt").exists()] if src.is_dir() else [src]
         if not files:
             raise QuicknatInputError(src, "holds no view checkpoint (coronal.pt, axial.pt, sagittal.pt)")
-        listed = load_model(src).weights if (src / "model.json").is_file() else {}
+        if src == Path(sources[0]) and (src / "model.json").is_file():
+            inherited = load_model(src).weights
         for f in files:
             ck = load_checkpoint(f)
             found[ck.view] = ck
-            inherited.pop(ck.view, None)
-            if ck.view in listed:
-                inherited[ck.view] = listed[ck.view]
     views = {v: found[v] for v in VIEWS if v in found}
     chosen = check_weights({v: VIEWS[v].weight for v in views} | inherited | (weights or {}), views, out)
     model = Model(views, chosen, out)  # schemes and conform settings agree

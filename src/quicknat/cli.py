@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--provenance", type=Path, help="JSON object merged into each view's provenance (model card)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
     p.add_argument("--weights", nargs="+", default=None, metavar="VIEW=W",
-                   help="view weights, e.g. coronal=1 axial=1 sagittal=1 (default: a source model folder's, else "
+                   help="view weights, e.g. coronal=1 axial=1 sagittal=1 (default: the first source's if a model, else "
                         "0.4/0.4/0.2); bench/view_weights.py measures them")
     p.add_argument("-v", "--verbose", action="count", default=0)
     p.set_defaults(func=_cmd_export)
