@@ -25,20 +25,18 @@ from quicknat.checkpoint import load_model
 from quicknat.conform import plan_conform
 from quicknat.data.synth import LabelMapSynth, SynthConfig
 from quicknat.io import load_volume
+from quicknat.metrics import dice_per_class
 from quicknat.segment import Segmenter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VIEW_ORDER = ("coronal", "axial", "sagittal")
 
 
-def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int]) -> float:
-    out = []
-    for c in classes:
-        r = ref == c
-        if r.any():
-            p = pred == c
-            out.append(2.0 * np.count_nonzero(p & r) / (np.count_nonzero(p) + np.count_nonzero(r)))
-    return float(np.mean(out))
+def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int], num_classes: int) -> float:
+    """Mean Dice over ``classes`` that the reference holds."""
+    d = dice_per_class(pred, ref, num_classes)
+    present = np.bincount(np.asarray(ref).reshape(-1).astype(np.int64), minlength=num_classes) > 0
+    return float(np.mean([d[c] for c in classes if present[c]]))
 
 
 def volumes(seg: Segmenter, names: list[str], seeds: int):
@@ -80,7 +78,7 @@ def main() -> None:
             for w, ws in combos.items():
                 acc = sum(wi * probs[v] for wi, v in zip(ws, views))
                 acc /= acc.sum(0, keepdim=True)
-                table.setdefault(w, {})[tag] = mean_dice(np.asarray(predict(acc)), np.asarray(ref), classes)
+                table.setdefault(w, {})[tag] = mean_dice(predict(acc), ref, classes, seg.scheme.num_classes)
         print(f"{tag}: done", flush=True)
     tags = list(next(iter(table.values())))
     synth = [t for t in tags if t != "real scan"]

@@ -260,13 +260,12 @@ def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict
     """
     out = Path(out)
     found: dict[str, ViewCheckpoint] = {}
-    inherited: dict[str, float] = {}
+    base_spec = Path(sources[0]) / "model.json"
+    inherited = {v: w for v, (_, w) in read_model_spec(base_spec).items()} if base_spec.is_file() else {}
     for src in map(Path, sources):
         files = [src / f"{v}.pt" for v in VIEWS if (src / f"{v}.pt").exists()] if src.is_dir() else [src]
         if not files:
             raise QuicknatInputError(src, "holds no view checkpoint (coronal.pt, axial.pt, sagittal.pt)")
-        if src == Path(sources[0]) and (src / "model.json").is_file():
-            inherited = load_model(src).weights
         for f in files:
             ck = load_checkpoint(f)
             found[ck.view] = ck
@@ -342,13 +341,7 @@ def load_model(model: str | Path | Model | None = None) -> Model:
         return Model({ck.view: ck}, {ck.view: 1.0}, path)
     spec_path = path / "model.json"
     if spec_path.is_file():
-        try:
-            spec = json.loads(spec_path.read_text())
-            entries = {v: (path / e["file"], float(e["weight"])) for v, e in spec["views"].items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise QuicknatInputError(spec_path, f"invalid model description ({exc})") from None
-        if spec.get("format") != MODEL_FORMAT:
-            raise QuicknatInputError(spec_path, "not a quicknat model description")
+        entries = read_model_spec(spec_path)
     else:
         entries = {v: (path / f"{v}.pt", VIEWS[v].weight) for v in VIEWS if (path / f"{v}.pt").is_file()}
         if not entries:
@@ -356,5 +349,17 @@ def load_model(model: str | Path | Model | None = None) -> Model:
     views = {v: load_checkpoint(p) for v, (p, _) in entries.items()}
     for v in views:
         get_view(v)
-    weights = check_weights({v: w for v, (_, w) in entries.items()}, views, spec_path if spec_path.is_file() else path)
-    return Model(views, weights, path)
+    return Model(views, {v: w for v, (_, w) in entries.items()}, path)
+
+
+def read_model_spec(spec_path: Path) -> dict[str, tuple[Path, float]]:
+    """A model folder's ``model.json``: view -> (checkpoint file, weight), the weights checked."""
+    try:
+        spec = json.loads(spec_path.read_text())
+        entries = {v: (spec_path.parent / e["file"], float(e["weight"])) for v, e in spec["views"].items()}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QuicknatInputError(spec_path, f"invalid model description ({exc})") from None
+    if spec.get("format") != MODEL_FORMAT:
+        raise QuicknatInputError(spec_path, "not a quicknat model description")
+    check_weights({v: w for v, (_, w) in entries.items()}, entries, spec_path)
+    return entries
