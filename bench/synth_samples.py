@@ -65,7 +65,7 @@ def main() -> None:
         for k in range(args.n):
             img, target = synth.sample(spec.name, seed=1000 * r + k)
             rgb = ASEG33.colors[target.argmax(0)] / 255.0
-            ax[2 * r, len(reals) + k].imshow(spec.display(img), cmap="gray", vmin=0, vmax=1)
+            ax[2 * r, len(reals) + k].imshow(spec.display(img[0]), cmap="gray", vmin=0, vmax=1)
             ax[2 * r + 1, len(reals) + k].imshow(spec.display(rgb))
             ax[2 * r, len(reals) + k].set_title(f"{spec.name} synth", color="white", fontsize=8)
     for a in ax.flat:

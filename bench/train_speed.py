@@ -48,7 +48,7 @@ def conv_flops(net: torch.nn.Module, size: int, dev: torch.device) -> float:
 
     hooks = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.no_grad():
-        net.eval()(torch.zeros((1, 1, size, size), device=dev))
+        net.eval()(torch.zeros((1, net.config.in_channels, size, size), device=dev))
     for h in hooks:
         h.remove()
     return total
@@ -73,7 +73,8 @@ def network_rate(net, dev, size, batch, steps, classes, channels_last) -> float:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(dev, memory_format=fmt).train()
     g = torch.Generator().manual_seed(0)
-    x = torch.rand((batch, 1, size, size), generator=g).to(dev).contiguous(memory_format=fmt)
+    channels = net.config.in_channels if isinstance(net, QuickNAT) else 1  # MONAI's peer: one
+    x = torch.rand((batch, channels, size, size), generator=g).to(dev).contiguous(memory_format=fmt)
     y = torch.softmax(torch.randn((batch, classes, size, size), generator=g), 1).to(dev)
     w = torch.ones((batch, size, size), device=dev)
 
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--context", type=int, default=0, help="neighbouring slices each side (2.5D input)")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synth_cpu_v2.yaml")
     args = ap.parse_args()
     if args.threads:
@@ -125,7 +127,7 @@ def main() -> None:
     dev = torch.device(args.device)
     classes = ASEG33.num_classes
     rows = []
-    ours = QuickNAT(QuickNATConfig(num_classes=classes, num_filters=args.filters))
+    ours = QuickNAT(QuickNATConfig(num_classes=classes, num_filters=args.filters, in_channels=2 * args.context + 1))
     for cl in (False, True):
         rows.append((f"network, quicknat{' channels-last' if cl else ''}",
                      network_rate(ours, dev, args.size, args.batch, args.steps, classes, cl)))
@@ -137,12 +139,14 @@ def main() -> None:
     synth = generator(args.config, args.size)
     n = args.batch * args.steps
     weights = np.ones(classes, np.float32)
-    t = time.perf_counter()
-    for k in range(n):
-        img, target = synth.sample(("coronal", "axial", "sagittal")[k % 3], seed=k)
-        weight_map(target.argmax(0), weights, 2.0)
-    gen_rate = n / (time.perf_counter() - t)
-    rows.append(("generator alone (sample + weight map)", gen_rate))
+    for context in (args.context, 0) if args.context else (0,):
+        t = time.perf_counter()
+        for k in range(n):
+            img, target = synth.sample(("coronal", "axial", "sagittal")[k % 3], seed=k, context=context)
+            weight_map(target.argmax(0), weights, 2.0)
+        rate = n / (time.perf_counter() - t)
+        rows.append((f"generator alone (sample + weight map), context {context}", rate))
+    gen_rate = rows[-len((args.context, 0) if args.context else (0,))][1]
     net_rate = rows[0][1]
     rows.append(("both, in one process (estimate 1/(1/a+1/b))", 1.0 / (1.0 / net_rate + 1.0 / gen_rate)))
     flops = 3 * conv_flops(ours, args.size, dev)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from quicknat.model import QuickNAT, QuickNATConfig, count_parameters, set_mc_dropout
+from quicknat.model import QuickNAT, QuickNATConfig, count_parameters, set_mc_dropout, widen_input
 from quicknat.model.blocks import ChannelSE, ChannelSpatialSE, DenseBlock, SpatialSE
 
 
@@ -69,3 +69,26 @@ def test_config_validation_and_round_trip():
     assert QuickNATConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError):
         QuickNATConfig(se="bogus")
+
+
+def test_widen_input_computes_exactly_what_the_2d_network_did():
+    torch.manual_seed(0)
+    flat = QuickNAT(QuickNATConfig(num_classes=5, num_filters=8)).eval()
+    for m in flat.modules():  # batch norm statistics and affines that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    wide = QuickNAT(QuickNATConfig(num_classes=5, num_filters=8, in_channels=5)).eval()
+    wide.load_state_dict(widen_input(flat.state_dict(), wide.state_dict(), 1, 5))
+    assert wide.config.context == 2 and flat.config.context == 0
+    x = torch.rand(2, 5, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), flat(x[:, 2:3]), atol=1e-5, rtol=1e-5)
+        x[:, [0, 1, 3, 4]] = torch.rand(2, 4, 32, 32)  # the neighbours do not count yet
+        torch.testing.assert_close(wide(x), flat(x[:, 2:3]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="widen"):
+        widen_input(wide.state_dict(), flat.state_dict(), 5, 1)
+    with pytest.raises(ValueError, match="odd"):
+        QuickNATConfig(in_channels=2)

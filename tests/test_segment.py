@@ -173,3 +173,39 @@ def test_view_probabilities_weighted_are_the_aggregate(tiny_model):
     assert torch.allclose(acc, seg.probabilities(img), atol=1e-5)
     # the weights matter: sagittal alone differs from the aggregate
     assert not torch.allclose(per_view["sagittal"] / per_view["sagittal"].sum(0, keepdim=True), acc, atol=1e-3)
+
+
+def test_context_views_see_the_whole_volume_beyond_the_head_box(tmp_path, tiny_model):
+    """2.5D views (neighbouring slices as channels, some weight on the neighbours): the head-box
+    path (only slices crossing the box run) gives what the reference path gives, so the slices
+    at the box's ends see their true neighbours; and a 2.5D view whose neighbour weights are zero
+    segments exactly as the 2D view it was widened from."""
+    from dataclasses import replace
+
+    from quicknat.model import QuickNAT, widen_input
+    from quicknat.segment import SpeedPaths
+
+    model = load_model(tiny_model)
+
+    def widened(noise: float) -> Model:
+        views = {}
+        for name, ck in model.views.items():
+            cfg = replace(ck.config, in_channels=3)
+            state = widen_input(ck.state_dict, QuickNAT(cfg).state_dict(), 1, 3)
+            g = torch.Generator().manual_seed(0)
+            w = state["encoders.0.dense.conv1.weight"]
+            w[:, [0, 2]] += noise * torch.randn(w[:, [0, 2]].shape, generator=g)
+            views[name] = replace(ck, config=cfg, state_dict=state)
+        return Model(views, model.weights, model.path)
+
+    img, _ = phantom_files(tmp_path, seed=8, shape=(56, 60, 52), spacing=(2.3, 2.1, 2.4))
+    vol = load_volume(img)
+    flat = Segmenter(model, device="cpu").segment(vol)
+    same = Segmenter(widened(0.0), device="cpu").segment(vol)
+    assert np.array_equal(flat.classes, same.classes)
+    noisy = widened(0.5)
+    fast = Segmenter(noisy, device="cpu").segment(vol)
+    ref = Segmenter(noisy, device="cpu", paths=SpeedPaths.reference()).segment(vol)
+    d = dice_per_class(fast.classes, ref.classes, range(1, TEST_SCHEME.num_classes))
+    assert min(d.values()) >= 0.999, d
+    assert not np.array_equal(fast.classes, flat.classes)  # the neighbours count

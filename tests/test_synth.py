@@ -47,7 +47,7 @@ def test_seeded_valid_and_targets_are_distributions(head):
         a_img, a_t = s.sample(view, 7)
         b_img, b_t = s.sample(view, 7)
         c_img, _ = s.sample(view, 8)
-        assert a_img.shape == (80, 80) and a_t.shape == (ASEG33.num_classes, 80, 80)
+        assert a_img.shape == (1, 80, 80) and a_t.shape == (ASEG33.num_classes, 80, 80)
         assert np.array_equal(a_img, b_img) and np.array_equal(a_t, b_t)
         assert not np.array_equal(a_img, c_img)
         assert a_img.min() >= 0 and a_img.max() <= 1
@@ -92,6 +92,7 @@ def test_t1_priors_per_class_and_skull_removal(head, priors):
     assert p.means.shape == (2, 5)
     t1 = LabelMapSynth(head, ASEG33, S, SynthConfig(priors=priors, **T1, **QUIET))
     img, t = t1.sample("coronal", 1, slice_index=40)
+    img = img[0]
     cls = t.argmax(0)
     mean = {lab: img[cls == ASEG33.class_of_label(lab)].mean() for lab in (2, 3, 12, 13)}
     # real T1 contrast from the priors: WM > pallidum > putamen > cortex
@@ -101,6 +102,7 @@ def test_t1_priors_per_class_and_skull_removal(head, priors):
                                                           flip=0.0, **QUIET))
     a, c = kept.sample("coronal", 2, slice_index=45)
     b, _ = stripped.sample("coronal", 2, slice_index=45)
+    a, b = a[0], b[0]
     outside = (c[0] == 1) & (a > 0.3)  # scalp: bright, labelled background
     assert outside.sum() > 50 and (b[outside] < 0.1).mean() > 0.95
 
@@ -196,3 +198,22 @@ def test_synthetic_training_path_with_real_validation_scan(tmp_path):
     assert ck.provenance["data"]["synthetic"] is True and ck.provenance["data"]["train_scans"] == 2
     hist = json.loads((run / "axial" / "history.json").read_text())
     assert 0 <= hist[0]["val_real_dice_mean"] <= 1 and "val_real_dice/Left-White" in hist[0]
+
+
+def test_context_channels_are_the_neighbouring_slices(head):
+    # no noise, blur, bias or deformation: every pixel is its label's mean, so a slice looks the
+    # same whether it is the middle channel or a neighbour, and the channels step along the axis
+    # as quicknat.views.with_context steps at inference
+    quiet = dict(QUIET, std_range=(0.0, 0.0))
+    s = LabelMapSynth(head, ASEG33, S, SynthConfig(random_share=1.0, flip=0.0, soft=False, **quiet))
+    for view in ("coronal", "axial", "sagittal"):
+        img, t = s.sample(view, 5, slice_index=40, context=2)
+        assert img.shape == (5, 80, 80) and t.shape == (ASEG33.num_classes, 80, 80)
+        for k, index in enumerate(range(38, 43)):
+            alone, t_alone = s.sample(view, 5, slice_index=index)
+            np.testing.assert_allclose(img[k], alone[0], atol=1e-6)
+            if index == 40:
+                np.testing.assert_array_equal(t, t_alone)
+        assert not np.allclose(img[0], img[4])
+    ds = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=2, seed=1, crop=48, context=1)
+    assert ds[0]["image"].shape == (3, 48, 48) and ds[0]["target"].shape == (33, 48, 48)

@@ -114,6 +114,14 @@ def test_fine_tuning_init_and_scheme_mismatch(tmp_path, tiny_model):
     out = train(tissue, tmp_path / "ft2", "coronal", cfg, init=tiny_model, reset_classifier=True, device="cpu")
     ck = load_checkpoint(out / "coronal.pt")
     assert ck.scheme == TISSUE and ck.config.num_classes == 4
+    # a 2.5D run (neighbouring slices as channels, augmented together) warm-starts from the 2D view
+    wide = train(manifest, tmp_path / "ft25", "coronal", tiny_config(epochs=1, steps_per_epoch=2, context=1,
+                                                                     augment=AugmentConfig()),
+                 init=tiny_model, device="cpu")
+    assert load_checkpoint(wide / "coronal.pt").config.in_channels == 3
+    with pytest.raises(QuicknatInputError, match="architecture"):  # and never the other way round
+        train(manifest, tmp_path / "ft4", "coronal", tiny_config(epochs=1, steps_per_epoch=1), init=wide,
+              device="cpu")
     # different architecture: refused
     with pytest.raises(QuicknatInputError, match="architecture"):
         train(manifest, tmp_path / "ft3", "coronal", tiny_config(num_filters=6, epochs=1, steps_per_epoch=1),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quicknat.labels import ASEG33
-from quicknat.views import VIEW_NAMES, VIEWS, channel_view, get_view, slice_box, slices
+from quicknat.views import VIEW_NAMES, VIEWS, channel_view, get_view, slice_box, slices, with_context
 
 
 def test_table_axes_weights_and_names():
@@ -60,3 +60,14 @@ def test_slice_box_matches_slices():
         along, (h, w) = slice_box(box, spec)
         assert along == box[spec.axis]
         assert [h, w] == [box[a] for a in range(3) if a != spec.axis]
+
+
+def test_with_context_stacks_neighbours_as_channels():
+    stack = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((6, 2, 3), np.float32)  # slice k holds k
+    x = with_context(stack, [0, 3, 5], 2)
+    assert x.shape == (3, 5, 2, 3)
+    assert x[:, :, 0, 0].tolist() == [[0, 0, 0, 1, 2], [1, 2, 3, 4, 5], [3, 4, 5, 5, 5]]  # clamped at the ends
+    t = with_context(torch.from_numpy(stack), range(6), 1)
+    assert isinstance(t, torch.Tensor) and t.shape == (6, 3, 2, 3)
+    assert torch.equal(t[:, 1], torch.from_numpy(stack))
+    assert with_context(stack, [4], 0).shape == (1, 1, 2, 3)

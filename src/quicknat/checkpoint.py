@@ -45,7 +45,7 @@ from .conform import ConformSettings
 from .errors import ModelNotFoundError, QuicknatInputError
 from .io import atomic_write_bytes, atomic_write_text
 from .labels import LabelScheme
-from .model import QuickNAT, QuickNATConfig
+from .model import QuickNAT, QuickNATConfig, widen_input
 from .views import VIEWS, get_view
 
 log = logging.getLogger(__name__)
@@ -216,15 +216,19 @@ def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, r
     ck = load_checkpoint(path)
     if ck.view != view:
         raise QuicknatInputError(path, f"holds the {ck.view} view, not {view}")
-    ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout)
-    if ours != ck.config:
-        raise QuicknatInputError(path, "architecture differs from this run's (filters, kernel, SE or depth)")
+    ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout,
+                   in_channels=ck.config.in_channels)
+    if ours != ck.config or ck.config.in_channels > net.config.in_channels:
+        raise QuicknatInputError(path, "architecture differs from this run's (filters, kernel, SE, depth or "
+                                       "more input slices)")
     if ck.scheme != scheme and not reset_classifier:
         raise QuicknatInputError(
             path, f"label scheme {ck.scheme.name!r} differs from the data's {scheme.name!r}; "
             "pass --reset-classifier to re-initialise the classifier"
         )
     state = dict(ck.state_dict)
+    if ck.config.in_channels != net.config.in_channels:  # a 2D view warm-starts a 2.5D one
+        state = widen_input(state, net.state_dict(), ck.config.in_channels, net.config.in_channels)
     if ck.scheme != scheme:
         own = net.state_dict()
         for k in ("classifier.weight", "classifier.bias"):

@@ -107,6 +107,7 @@ class TrainConfig:
     kernel_size: int = 5
     se: str = "none"
     dropout: float = 0.2
+    context: int = 0  # neighbouring slices on each side as extra input channels (2.5D, as FastSurfer)
     # optimisation
     optimizer: str = "sgd"  # sgd | adam
     lr: float = 0.1
@@ -149,6 +150,7 @@ class TrainConfig:
         need(self.kernel_size >= 1 and self.kernel_size % 2 == 1, "kernel_size", "an odd integer >= 1")
         need(self.steps_per_epoch is None or self.steps_per_epoch >= 1, "steps_per_epoch", "null or an integer >= 1")
         need(self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(0 <= self.context <= 5, "context", "an integer from 0 to 5")
         need(self.lr > 0, "lr", "a number > 0")
         need(0 < self.lr_gamma <= 1, "lr_gamma", "a number in (0, 1]")
         need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")

@@ -1,9 +1,14 @@
-"""Devices and the distributed-training helpers that inference and training share."""
+"""Devices, the distributed-training helpers that inference and training share, and the RNG
+states a resumable run saves."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,3 +56,26 @@ def sync_buffers(net: torch.nn.Module) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         for b in net.buffers():
             dist.broadcast(b.data, src=0)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), numpy and Python, as plain containers (a
+    checkpoint loads with ``weights_only=True``)."""
+    s = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": json.dumps([s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]),
+        "python": json.dumps(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (resuming a run where it stopped)."""
+    torch.set_rng_state(state["torch"])
+    s = json.loads(state["numpy"])
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

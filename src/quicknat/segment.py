@@ -10,7 +10,9 @@ sagittal by default, equal for the shipped model, measured by ``bench/view_weigh
 sagittal view's merged left/right classes are copied to both sides first, and the sum is
 renormalised to a probability per voxel). The network sees whole conformed slices, as in
 training, but only slices that cross the head's bounding box are run and only the box is kept;
-empty slices add background without running the network.
+empty slices add background without running the network. A 2.5D view (``in_channels`` > 1 in its
+checkpoint) gets each slice with its neighbours as channels (:func:`quicknat.views.with_context`),
+taken from the whole volume, so the box's end slices see their true neighbours.
 
 With ``mc=N`` the chain runs N times with dropout active (batch norm in eval): the segmentation
 is the argmax of the mean probability, and per structure the coefficient of variation of its
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from tqdm.auto import tqdm
 
@@ -41,7 +44,7 @@ from .labels import LabelScheme
 from .model import set_mc_dropout
 from .qc import mc_dropout_passes
 from .resample import bounding_box
-from .views import channel_view, get_view, slice_box, slices
+from .views import channel_view, get_view, slice_box, slices, with_context
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +178,15 @@ class Segmenter:
         """
         net = self.nets[name]
         along, (hs, ws) = slice_box(box, name)
-        stack = slices(image, name)[along]  # (N, H, W), whole slices
+        whole = slices(image, name)  # (N, H, W), whole slices
+        stack = whole[along]
         target = channel_view(acc, name)  # (N, C, h, w), shares acc's memory
-        if self.paths.skip_empty:
-            nonempty = (stack.reshape(stack.shape[0], -1).amax(1) > EMPTY_SLICE).nonzero().flatten().tolist()
+        context = net.config.context
+        if self.paths.skip_empty:  # a slice runs when it or a neighbour its network sees is not empty
+            filled = (whole.reshape(whole.shape[0], -1).amax(1) > EMPTY_SLICE).float()
+            if context:
+                filled = F.max_pool1d(filled[None, None], 2 * context + 1, stride=1, padding=context)[0, 0]
+            nonempty = (filled[along] > 0).nonzero().flatten().tolist()
         else:
             nonempty = list(range(stack.shape[0]))
         empty = sorted(set(range(stack.shape[0])) - set(nonempty))
@@ -187,7 +195,8 @@ class Segmenter:
         expand = self.expand[name]
         for i in range(0, len(nonempty), self.batch_size):
             idx = nonempty[i : i + self.batch_size]
-            x = stack[idx].unsqueeze(1).to(self.device, non_blocking=True)
+            x = with_context(whole, [along.start + k for k in idx], context)
+            x = x.to(self.device, non_blocking=True)
             if self.paths.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):

@@ -50,7 +50,7 @@ from .config import TrainConfig
 from .data.manifest import Manifest, load_manifest
 from .data.slices import TrainingData, real_training_data
 from .data.synth_data import synthetic_training_data
-from .device import barrier, dist_setup, is_main, resolve_device, sync_buffers
+from .device import barrier, dist_setup, is_main, resolve_device, rng_state, set_rng_state, sync_buffers
 from .errors import QuicknatInputError
 from .io import atomic_write_bytes, atomic_write_text, remove_stale_temps
 from .labels import LabelScheme
@@ -61,27 +61,6 @@ from .validation import validate_view
 from .views import VIEW_NAMES, get_view
 
 log = logging.getLogger(__name__)
-
-
-# -- RNG state -------------------------------------------------------------------------------
-def _rng_state() -> dict[str, Any]:
-    s = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": json.dumps([s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]),
-        "python": json.dumps(random.getstate()),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    s = json.loads(state["numpy"])
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- the parts -------------------------------------------------------------------------------
@@ -125,7 +104,8 @@ def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingDa
     if not manifest.scans_in("train"):
         raise QuicknatInputError(manifest.path, "the train split holds no scans")
     scheme = manifest.label_scheme()
-    common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, edge_weight=cfg.edge_weight, seed=cfg.seed)
+    common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, edge_weight=cfg.edge_weight, seed=cfg.seed,
+                  context=cfg.context)
     if all(s.image is None for s in manifest.scans_in("train")):
         return synthetic_training_data(manifest, scheme, view, synth=cfg.synth,
                                        length=(cfg.steps_per_epoch or 500) * cfg.batch_size,
@@ -154,7 +134,8 @@ def _setup(view: str, manifest: Manifest, rundir: Path, cfg: TrainConfig, device
     if len(data.dataset) == 0:
         raise QuicknatInputError(manifest.path, f"no {view} training slices with enough foreground")
     net = QuickNAT(QuickNATConfig(num_classes=spec.scheme(scheme).num_classes, num_filters=cfg.num_filters,
-                                  kernel_size=cfg.kernel_size, se=cfg.se, dropout=cfg.dropout))
+                                  kernel_size=cfg.kernel_size, se=cfg.se, dropout=cfg.dropout,
+                                  in_channels=2 * cfg.context + 1))
     if init is not None and not resume:
         load_init(net, init, view, scheme, reset_classifier)
     net = net.to(dev)
@@ -194,7 +175,7 @@ def _resume(run: _Run) -> None:
     run.sched.load_state_dict(st["scheduler"])
     run.epoch, run.best = int(st["epoch"]) + 1, float(st["best"])
     run.history = json.loads(st["history"])
-    _set_rng_state(st["rng"])
+    set_rng_state(st["rng"])
     log.info("%s: resuming after %d completed epoch(s)", run.view, run.epoch)
 
 
@@ -281,7 +262,7 @@ def _checkpoint(run: _Run, score: float, per_class: dict[str, float | None]) -> 
         save_checkpoint(ck, run.rundir / f"{run.view}.pt")
     ck.training_state = {
         "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "epoch": run.epoch - 1,
-        "best": run.best, "history": json.dumps(run.history), "rng": _rng_state(),
+        "best": run.best, "history": json.dumps(run.history), "rng": rng_state(),
     }
     save_checkpoint(ck, run.vdir / "last.pt")
     write_history(run.history, run.vdir)

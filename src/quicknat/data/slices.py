@@ -36,7 +36,7 @@ from ..conform import ConformSettings, plan_conform
 from ..errors import QuicknatInputError
 from ..io import atomic_write_npy, load_volume, same_grid
 from ..labels import LabelScheme
-from ..views import get_view, slices
+from ..views import get_view, slices, with_context
 from .manifest import Manifest, Scan
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,9 @@ class VolumeCache:
 
 
 class SliceDataset(Dataset):
-    """2D slices of one view: ``{"image": (1,H,W) float32, "label": (H,W) int64, "weight": (H,W)}``.
+    """2D slices of one view: ``{"image": (1,H,W) float32, "label": (H,W) int64, "weight": (H,W)}``;
+    with ``context`` the image holds the slice's neighbours too, ``(2 * context + 1, H, W)``
+    (:func:`quicknat.views.with_context`), augmented together.
 
     Labels are class indices of the view's scheme (left/right merged for the sagittal view).
     """
@@ -158,8 +160,10 @@ class SliceDataset(Dataset):
         min_foreground: float = MIN_FOREGROUND,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        context: int = 0,
     ):
         self.cache = cache
+        self.context = context
         self.spec = get_view(view)
         full = cache.scheme
         self.scheme = self.spec.scheme(full)
@@ -207,13 +211,13 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         v, s = self.index[i]
-        img = np.asarray(slices(self.cache.images[v], self.spec)[s], dtype=np.float32)
+        img = np.asarray(with_context(slices(self.cache.images[v], self.spec), [s], self.context)[0], np.float32)
         cls = np.asarray(slices(self.cache.classes[v], self.spec)[s]).astype(np.int64)
         if self.augment is not None:
             img, cls = self._augment(img, cls, i)
         cls = self.merge[cls]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(img)),
             "label": torch.from_numpy(np.ascontiguousarray(cls)),
             "weight": torch.from_numpy(weight_map(cls, self.class_weights, self.edge_weight)),
         }
@@ -225,15 +229,15 @@ class SliceDataset(Dataset):
         rng = np.random.default_rng(seed)
         # conformed axis 0 is left-right; it is the slice's first axis in coronal/axial views
         if not self.spec.merge_lr and self.spec.lateral_in_plane and rng.random() < self.augment.flip:
-            img, cls = img[::-1], self.swap[cls[::-1]]
+            img, cls = img[:, ::-1], self.swap[cls[::-1]]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             subject = tio.Subject(
-                image=tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(img))[None, ..., None]),
+                image=tio.ScalarImage(tensor=torch.from_numpy(np.ascontiguousarray(img))[..., None]),
                 label=tio.LabelMap(tensor=torch.from_numpy(np.ascontiguousarray(cls))[None, ..., None]),
             )
             out = self._tio()(subject)
-        img = out["image"].data[0, ..., 0].numpy().clip(0, None)
+        img = out["image"].data[..., 0].numpy().clip(0, None)
         cls = out["label"].data[0, ..., 0].numpy().round().astype(np.int64)
         return img, cls
 
@@ -280,7 +284,7 @@ def class_weights_for(counts: np.ndarray, merge: np.ndarray, num_classes: int, c
 def real_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, settings: ConformSettings,
                        cache_dir: str | Path | None = None, weight_cap: float = WEIGHT_CAP,
                        edge_weight: float = EDGE_WEIGHT, min_foreground: float = MIN_FOREGROUND,
-                       augment: AugmentConfig | None = None, seed: int = 0) -> TrainingData:
+                       augment: AugmentConfig | None = None, seed: int = 0, context: int = 0) -> TrainingData:
     """Slices of the manifest's labelled training scans; its validation scans, whole."""
     spec = get_view(view)
     train_cache = VolumeCache(manifest.labelled("train"), scheme, settings, cache_dir)
@@ -290,7 +294,7 @@ def real_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, se
                     dict(sorted(train_cache.unknown.items())[:10]))
     weights = class_weights_for(train_cache.class_counts(), spec.merge_index(scheme),
                                 spec.scheme(scheme).num_classes, weight_cap)
-    data = SliceDataset(train_cache, view, weights, edge_weight, min_foreground, augment, seed)
+    data = SliceDataset(train_cache, view, weights, edge_weight, min_foreground, augment, seed, context)
     return TrainingData(data, [ValidationSet("validation", val_cache)],
                         {"train_scans": len(train_cache.ids), "validation_scans": len(val_cache.ids),
                          "synthetic": False})

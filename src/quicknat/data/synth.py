@@ -40,7 +40,10 @@ For each training slice (Billot et al. 2023; defaults from the published SynthSe
 
 Slices are generated directly on the conformed grid of a view: the random 3D transform is only
 evaluated at the points of the requested slice, so one sample costs a few gathers of a 2D set
-of points. All of it runs on torch, on CPU or GPU.
+of points. All of it runs on torch, on CPU or GPU. For a 2.5D network (``context`` > 0) the
+neighbouring slices are rendered from the same random volume (same geometry, intensities, bias
+field, blur, noise level, window and gamma) as further image channels; the target is the middle
+slice's.
 """
 
 from __future__ import annotations
@@ -243,8 +246,11 @@ class LabelMapSynth:
 
     # -- one sample ----------------------------------------------------------------------
     def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None,
-               min_foreground: float = 0.002) -> tuple[np.ndarray, np.ndarray]:
-        """One (image (H, W) float32 in [0, 1], target (C, H, W) float32) pair for ``view``.
+               min_foreground: float = 0.002, context: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """One (image (2 * context + 1, H, W) float32 in [0, 1], target (C, H, W) float32) pair for
+        ``view``: the slice and its ``context`` neighbours on each side, from the same random
+        volume (a 2.5D network's input, as :func:`quicknat.views.with_context` builds it at
+        inference), and the target of the middle slice.
 
         The target holds a probability per class of the full scheme (one-hot when the grid is
         not coarser than the maps). A slice placed in the brain with less than
@@ -252,17 +258,15 @@ class LabelMapSynth:
         as training on real data drops such slices; head slices are kept as they are.
         """
         for attempt in range(5):
-            img, target, head = self._sample(view, seed + attempt * 7919, slice_index, map_index)
+            img, target, head = self._sample(view, seed + attempt * 7919, slice_index, map_index, context)
             if slice_index is not None or head or (1.0 - target[0]).mean() >= min_foreground:
                 break
         return img, target
 
-    def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None):
+    def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None, context: int):
         g = torch.Generator().manual_seed(int(seed))
         c = self.cfg
-        spec = get_view(view)
-        shape = self.settings.shape
-        axis = spec.axis
+        axis = get_view(view).axis
         lm = self.maps[int(torch.randint(len(self.maps), (1,), generator=g)) if map_index is None else map_index]
         m, flip = self._voxel_map(lm, g)
         head = False
@@ -275,42 +279,38 @@ class LabelMapSynth:
         bias = torch.randn((1, 1, c.bias_grid, c.bias_grid, c.bias_grid), generator=g) * bias_std
         means, stds = sample_intensities(lm["ids"], lm["brain"], self.groups, self.cfg, self.priors, g)
         means, stds = means.to(self.device), stds.to(self.device)
+        sigma = float(torch.rand(1, generator=g)) * (c.blur_max + (1.0 if thick else 0.0))
+        noise_level = float(torch.empty(1).uniform_(0, c.noise_max, generator=g))
+        lo, hi = self._window(lm, m, means, stds, g)
+        gamma = math.exp(float(torch.randn(1, generator=g)) * c.gamma_std)
 
         k = self.sub
         sub = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5  # sub-voxel offsets (conformed voxels)
-        hw = [shape[a] for a in range(3) if a != axis]
-        zero = torch.zeros(1)
-        centre = self._points(slice_index, axis, zero, zero)[0]  # (H*W, 3) pixel centres
-        norm = self._normalised(centre)
-        # the smooth deformation, in label voxels, evaluated once per pixel for all its sub-samples
-        disp = _sample_coarse(field, norm).T
-        # label sub-samples: k x k in plane, k through plane
-        lab = self._lookup(lm, m, disp, self._points(slice_index, axis, sub, sub))  # (k^3, H*W)
-        classes = lm["classes"][lab]
+        hw = [self.settings.shape[a] for a in range(3) if a != axis]
+        # image sub-samples: k x k in plane; through plane k, or the slice thickness when thick
+        depth = torch.linspace(-0.5, 0.5, 5) * thickness / self.settings.voxel_size if thick else sub
+        images, target = [], None
+        for d in range(-context, context + 1):
+            index = slice_index + d
+            norm = self._normalised(self._points(index, axis, torch.zeros(1), torch.zeros(1))[0])
+            disp = _sample_coarse(field, norm).T  # the deformation in label voxels, once per pixel
+            img_lab = self._lookup(lm, m, disp, self._points(index, axis, sub, depth))  # (n_sub, H*W)
+            if d == 0:  # the target: the class histogram of the k^3 label sub-samples of each pixel
+                lab = img_lab if not thick else self._lookup(lm, m, disp, self._points(index, axis, sub, sub))
+                target = self._histogram(lm["classes"][lab], flip)
+            img = (means[img_lab] + stds[img_lab] * torch.randn(img_lab.shape, generator=g).to(self.device)).mean(0)
+            img = (img * torch.exp(_sample_coarse(bias, norm)[0]).to(self.device)).view(*hw)
+            img = _blur2d(img, sigma) + torch.randn(hw, generator=g).to(self.device) * noise_level
+            images.append(((img.clamp_min(0) - lo) / (hi - lo)).clamp(0, 1).pow(gamma))
+        img = torch.stack(images)
+        return img.float().cpu().numpy(), target.view(-1, *hw).cpu().numpy(), head
+
+    def _histogram(self, classes: torch.Tensor, flip: bool) -> torch.Tensor:
+        """(n_sub, P) class indices -> (C, P) share of each class (a soft target)."""
         if flip:
             classes = self.swap[classes]
-        n_cls = self.scheme.num_classes
-        target = torch.zeros((n_cls, classes.shape[1]), dtype=torch.float32, device=self.device)
-        target.scatter_add_(0, classes, torch.full(classes.shape, 1.0 / classes.shape[0], device=self.device))
-        # image sub-samples: the same in plane; through plane the slice thickness when thick
-        if thick:
-            depth = torch.linspace(-0.5, 0.5, 5) * thickness / self.settings.voxel_size
-            img_lab = self._lookup(lm, m, disp, self._points(slice_index, axis, sub, depth))
-        else:
-            img_lab = lab
-        noise = torch.randn(img_lab.shape, generator=g).to(self.device)
-        img = (means[img_lab] + stds[img_lab] * noise).mean(0)
-        img = img * torch.exp(_sample_coarse(bias, norm)[0]).to(self.device)
-        img = img.view(*hw)
-        sigma = float(torch.rand(1, generator=g)) * (c.blur_max + (1.0 if thick else 0.0))
-        img = _blur2d(img, sigma)
-        img = img + torch.randn(img.shape, generator=g).to(self.device) * float(
-            torch.empty(1).uniform_(0, c.noise_max, generator=g))
-        img = img.clamp_min(0)
-        lo, hi = self._window(lm, m, means, stds, g)
-        img = ((img - lo) / (hi - lo)).clamp(0, 1)
-        img = img.pow(math.exp(float(torch.randn(1, generator=g)) * c.gamma_std))
-        return img.float().cpu().numpy(), target.view(n_cls, *hw).cpu().numpy(), head
+        target = torch.zeros((self.scheme.num_classes, classes.shape[1]), dtype=torch.float32, device=self.device)
+        return target.scatter_add_(0, classes, torch.full(classes.shape, 1.0 / classes.shape[0], device=self.device))
 
     def _points(self, index: float, axis: int, in_plane_offsets: torch.Tensor, depth_offsets: torch.Tensor):
         """Conformed voxel coordinates (n_sub, H*W, 3) of a slice's sub-samples."""
@@ -366,7 +366,7 @@ class LabelMapSynth:
         cls = np.zeros(shape, np.uint8)
         for k in range(shape[spec.axis]):
             i, t = self.sample("coronal", seed, slice_index=k, map_index=map_index)
-            spec.slice_of(img, k)[...] = i
+            spec.slice_of(img, k)[...] = i[0]
             spec.slice_of(cls, k)[...] = t.argmax(0)
         return img, cls
 

@@ -25,7 +25,7 @@ REAL_UNSCORED = ("CSF",)
 class SynthSliceDataset(torch.utils.data.Dataset):
     """Synthetic training slices of one view, seeded by (seed, epoch, index).
 
-    Items match :class:`~quicknat.data.slices.SliceDataset` (image (1, H, W), label (H, W) in
+    Items match :class:`~quicknat.data.slices.SliceDataset` (image (2 * context + 1, H, W), label (H, W) in
     the view's scheme, QuickNAT's weight map) plus ``target`` (C, H, W): the soft class target
     the loss uses (see :class:`quicknat.losses.QuickNATLoss`). ``label`` is its most likely class.
 
@@ -37,8 +37,9 @@ class SynthSliceDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, synth: LabelMapSynth, view: str, class_weights: np.ndarray, edge_weight: float,
-                 length: int, seed: int = 0, crop: int = 0):
+                 length: int, seed: int = 0, crop: int = 0, context: int = 0):
         self.synth = synth
+        self.context = context
         self.crop = crop
         self.spec = get_view(view)
         self.merge = torch.from_numpy(self.spec.merge_index(synth.scheme))
@@ -57,7 +58,7 @@ class SynthSliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = (self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**31)
-        img, target = self.synth.sample(self.spec.name, s)
+        img, target = self.synth.sample(self.spec.name, s, context=self.context)
         t = torch.from_numpy(target)
         if self.num_classes != t.shape[0]:
             t = torch.zeros((self.num_classes, *t.shape[1:])).index_add_(0, self.merge, t)
@@ -65,7 +66,7 @@ class SynthSliceDataset(torch.utils.data.Dataset):
             img, t = self._crop(img, t, s)
         cls = t.argmax(0).numpy()
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(img)),
             "label": torch.from_numpy(cls.astype(np.int64)),
             "target": t,
             "weight": torch.from_numpy(weight_map(cls, self.class_weights, self.edge_weight)),
@@ -76,7 +77,7 @@ class SynthSliceDataset(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(seed + 1)
         fg = (t[0] < 0.5).numpy()
         corner = []
-        for a, n in enumerate(img.shape):
+        for a, n in enumerate(img.shape[1:]):
             if c >= n:
                 corner.append(0)
                 continue
@@ -85,7 +86,7 @@ class SynthSliceDataset(torch.utils.data.Dataset):
             jitter = float(torch.empty(1).uniform_(-c / 4, c / 4, generator=g))
             corner.append(int(min(max(round(centre + jitter - c / 2), 0), n - c)))
         win = tuple(slice(k, k + c) for k in corner)
-        return img[win], t[(slice(None), *win)]
+        return img[(slice(None), *win)], t[(slice(None), *win)]
 
 
 class SynthVolumes:
@@ -104,7 +105,8 @@ class SynthVolumes:
 
 def synthetic_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, settings: ConformSettings,
                             synth: SynthConfig, length: int, cache_dir: str | Path | None = None,
-                            weight_cap: float = 10.0, edge_weight: float = 2.0, seed: int = 0) -> TrainingData:
+                            weight_cap: float = 10.0, edge_weight: float = 2.0, seed: int = 0,
+                            context: int = 0) -> TrainingData:
     """Training slices generated from the manifest's training label maps (``length`` per
     epoch); validation volumes synthesised from its validation label maps with fixed seeds (the
     same every epoch and run); and its validation scans that have an image (real labelled
@@ -122,7 +124,7 @@ def synthetic_training_data(manifest: Manifest, scheme: LabelScheme, view: str, 
         counts += np.bincount(scheme.encode(arr)[0].reshape(-1), minlength=scheme.num_classes)
     weights = class_weights_for(counts, spec.merge_index(scheme), spec.scheme(scheme).num_classes, weight_cap)
     generator = LabelMapSynth(train_maps, scheme, settings, synth)
-    data = SynthSliceDataset(generator, view, weights, edge_weight, length, seed, crop=synth.crop)
+    data = SynthSliceDataset(generator, view, weights, edge_weight, length, seed, crop=synth.crop, context=context)
     label_only = [it for it in val_items if it[1] is None]
     real = [it for it in val_items if it[1] is not None]
     val_synth = LabelMapSynth(maps(label_only), scheme, settings, replace(synth, soft=False))

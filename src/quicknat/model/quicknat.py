@@ -31,6 +31,13 @@ class QuickNATConfig:
             raise ValueError("kernel_size must be odd")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.in_channels < 1 or self.in_channels % 2 != 1:
+            raise ValueError("in_channels must be odd: a slice and as many neighbours on each side")
+
+    @property
+    def context(self) -> int:
+        """Neighbouring slices on each side fed as input channels (0: a plain 2D network)."""
+        return (self.in_channels - 1) // 2
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,3 +101,29 @@ def set_mc_dropout(model: nn.Module, enabled: bool) -> nn.Module:
             if isinstance(m, nn.Dropout2d | nn.Dropout):
                 m.train()
     return model
+
+
+def widen_input(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], old_in: int,
+                new_in: int) -> dict[str, torch.Tensor]:
+    """A state dict of a network with ``old_in`` input channels made to fit one with ``new_in``
+    (``own``, its state dict): a 2D network warm-starts a 2.5D one. The first dense block
+    concatenates its input with each stage's output, so every layer of it reads the input
+    channels; the old channels go to the middle of the new ones, the new channels' convolution
+    weights are zero (the widened network computes exactly what the old one did) and their batch
+    norm copies the middle channel's."""
+    if new_in < old_in or (new_in - old_in) % 2:
+        raise ValueError(f"cannot widen {old_in} input channels to {new_in}")
+    first = (new_in - old_in) // 2
+    out = dict(state)
+    for key, value in state.items():
+        if key not in own or own[key].shape == value.shape:
+            continue
+        dim = 1 if value.ndim == 4 else 0  # convolution weights: input channels; batch norm: channels
+        old_idx = [first + i for i in range(old_in)] + list(range(new_in, new_in + value.shape[dim] - old_in))
+        if value.ndim == 4:
+            new = torch.zeros_like(own[key])
+        else:
+            new = value.narrow(0, old_in // 2, 1).expand(own[key].shape[0]).clone()
+        new.index_copy_(dim, torch.tensor(old_idx), value.to(new.dtype))
+        out[key] = new
+    return out
