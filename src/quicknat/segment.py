@@ -183,7 +183,7 @@ class Segmenter:
         target = channel_view(acc, name)  # (N, C, h, w), shares acc's memory
         context = net.config.context
         if self.paths.skip_empty:  # a slice runs when it or a neighbour its network sees is not empty
-            filled = (whole.reshape(whole.shape[0], -1).amax(1) > EMPTY_SLICE).float()
+            filled = (whole.amax(dim=(1, 2)) > EMPTY_SLICE).float()  # no copy of the strided view
             if context:
                 filled = F.max_pool1d(filled[None, None], 2 * context + 1, stride=1, padding=context)[0, 0]
             nonempty = (filled[along] > 0).nonzero().flatten().tolist()
