@@ -8,7 +8,8 @@ Prints, in one run, slices per second of:
 * the network alone (forward, QuickNAT loss on soft targets, backward, Adam step), ours and
   MONAI's ``Quicknat`` (same filters and classes) as the peer, contiguous and channels-last;
 * the synthetic generator alone (``LabelMapSynth.sample`` plus the weight map, as the data set
-  does), on ../shared/data/label_maps when present, else phantoms;
+  does), on ../shared/data/label_maps when present, else phantoms; with the config's ``crop``,
+  rendering whole slices (as before the crop window was rendered alone) and the window only;
 * both together, as ``quicknat train`` runs them (generator in the main process);
 
 and the FLOP floor: forward+backward FLOPs per slice (3x the forward's, counted from the
@@ -137,17 +138,24 @@ def main() -> None:
     rows.append(("network, MONAI Quicknat (peer)", network_rate(peer, dev, args.size, args.batch, args.steps,
                                                                  classes, False)))
     synth = generator(args.config, args.size)
+    crop = synth.cfg.crop if synth.cfg.crop < args.size else 0
+    if crop:  # training on crops: the network's rate on them
+        rows.append((f"network, quicknat channels-last, {crop}² crops",
+                     network_rate(ours, dev, crop, args.batch, args.steps, classes, True)))
     n = args.batch * args.steps
     weights = np.ones(classes, np.float32)
+    gen_rows = []
     for context in (args.context, 0) if args.context else (0,):
-        t = time.perf_counter()
-        for k in range(n):
-            img, target = synth.sample(("coronal", "axial", "sagittal")[k % 3], seed=k, context=context)
-            weight_map(target.argmax(0), weights, 2.0)
-        rate = n / (time.perf_counter() - t)
-        rows.append((f"generator alone (sample + weight map), context {context}", rate))
-    gen_rate = rows[-len((args.context, 0) if args.context else (0,))][1]
-    net_rate = rows[0][1]
+        for c in (0, crop) if crop else (0,):
+            t = time.perf_counter()
+            for k in range(n):
+                img, target = synth.sample(("coronal", "axial", "sagittal")[k % 3], seed=k, context=context, crop=c)
+                weight_map(target.argmax(0), weights, 2.0)
+            gen_rows.append((f"generator alone, context {context}, " + (f"{c}² window" if c else "whole slice"),
+                             n / (time.perf_counter() - t)))
+    rows += gen_rows
+    gen_rate = gen_rows[1 if crop else 0][1]
+    net_rate = rows[3][1] if crop else rows[0][1]  # the crop network, else the whole-slice one
     rows.append(("both, in one process (estimate 1/(1/a+1/b))", 1.0 / (1.0 / net_rate + 1.0 / gen_rate)))
     flops = 3 * conv_flops(ours, args.size, dev)
     rate = matmul_rate(dev)

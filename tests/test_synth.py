@@ -142,21 +142,25 @@ def test_dataset_soft_target_weights_and_sagittal_merge(head):
 
 
 def test_dataset_crops_around_the_labelled_region(head):
-    s = LabelMapSynth(head, ASEG33, S)
-    whole = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=4, seed=2)
-    crop = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=4, seed=2, crop=48)
-    for i in range(4):
-        a, b = whole[i], crop[i]
-        assert b["image"].shape == (1, 48, 48) and b["target"].shape == (33, 48, 48)
-        assert b["weight"].shape == (48, 48)
-        # the crop is a window of the whole slice, holding most of its labelled pixels
-        img, win = a["image"][0].numpy(), b["image"][0].numpy()
-        hits = [(r, c) for r in range(33) for c in range(33) if np.array_equal(img[r:r + 48, c:c + 48], win)]
+    # without noise and blur every pixel is a function of its position alone, so the rendered
+    # window is exactly that window of the whole slice (of each 2.5D channel and of the target)
+    s = LabelMapSynth(head, ASEG33, S, SynthConfig(random_share=1.0, std_range=(0.0, 0.0), noise_max=0.0, blur_max=0.0,
+                                                   thick_prob=0.0))
+    for seed, view in enumerate(("coronal", "axial", "sagittal", "coronal")):
+        img, t = s.sample(view, seed, slice_index=40 + seed, context=1)
+        win_img, win_t = s.sample(view, seed, slice_index=40 + seed, context=1, crop=48)
+        assert win_img.shape == (3, 48, 48) and win_t.shape == (33, 48, 48)
+        hits = [(r, c) for r in range(33) for c in range(33)
+                if np.allclose(img[:, r:r + 48, c:c + 48], win_img, atol=1e-5)]
         assert len(hits) == 1
         r, c = hits[0]
-        fg = (a["label"] > 0).numpy()
-        assert fg[r:r + 48, c:c + 48].sum() >= 0.6 * fg.sum()
-        assert torch.equal(b["label"], a["label"][r:r + 48, c:c + 48])
+        np.testing.assert_array_equal(t[:, r:r + 48, c:c + 48], win_t)
+        fg = t[0] < 0.5  # the window holds most of the slice's labelled pixels
+        assert fg[r:r + 48, c:c + 48].sum() >= 0.6 * fg.sum() > 0
+    crop = SynthSliceDataset(s, "coronal", np.ones(33, np.float32), 2.0, length=4, seed=2, crop=48)
+    item = crop[1]
+    assert item["image"].shape == (1, 48, 48) and item["target"].shape == (33, 48, 48)
+    assert item["weight"].shape == (48, 48) and torch.equal(item["label"], item["target"].argmax(0))
     with pytest.raises(ValueError, match="multiple of 16"):
         SynthConfig(crop=40)
 

@@ -54,13 +54,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..conform import ConformSettings, intensity_window, target_rotation
 from ..labels import LabelScheme
 from ..resample import bounding_box
 from ..views import get_view
 from .intensity import T1Priors, sample_intensities
+from .synth_fields import blur2d, sample_coarse
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ class LabelMapSynth:
 
     # -- one sample ----------------------------------------------------------------------
     def sample(self, view: str, seed: int, slice_index: int | None = None, map_index: int | None = None,
-               min_foreground: float = 0.002, context: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               min_foreground: float = 0.002, context: int = 0, crop: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """One (image (2 * context + 1, H, W) float32 in [0, 1], target (C, H, W) float32) pair for
         ``view``: the slice and its ``context`` neighbours on each side, from the same random
         volume (a 2.5D network's input, as :func:`quicknat.views.with_context` builds it at
@@ -256,14 +256,20 @@ class LabelMapSynth:
         not coarser than the maps). A slice placed in the brain with less than
         ``min_foreground`` foreground is redrawn (up to 5 times, seeds derived from ``seed``),
         as training on real data drops such slices; head slices are kept as they are.
+
+        With ``crop`` (pixels, 0 for the whole slice) only a ``crop`` x ``crop`` window is
+        rendered: centred on the slice's labelled region (found on one label sample per pixel),
+        moved by up to a quarter of the window, kept inside the slice. Without noise and blur it
+        is that window of the whole slice; rendering it costs about its share of the pixels.
         """
         for attempt in range(5):
-            img, target, head = self._sample(view, seed + attempt * 7919, slice_index, map_index, context)
+            img, target, head = self._sample(view, seed + attempt * 7919, slice_index, map_index, context, crop)
             if slice_index is not None or head or (1.0 - target[0]).mean() >= min_foreground:
                 break
         return img, target
 
-    def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None, context: int):
+    def _sample(self, view: str, seed: int, slice_index: int | None, map_index: int | None, context: int,
+                crop: int = 0):
         g = torch.Generator().manual_seed(int(seed))
         c = self.cfg
         axis = get_view(view).axis
@@ -286,21 +292,22 @@ class LabelMapSynth:
 
         k = self.sub
         sub = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5  # sub-voxel offsets (conformed voxels)
-        hw = [self.settings.shape[a] for a in range(3) if a != axis]
+        window = self._crop_window(lm, m, field, slice_index, axis, crop, g) if crop else None
+        hw = [n for _, n in window] if window else [self.settings.shape[a] for a in range(3) if a != axis]
         # image sub-samples: k x k in plane; through plane k, or the slice thickness when thick
         depth = torch.linspace(-0.5, 0.5, 5) * thickness / self.settings.voxel_size if thick else sub
         images, target = [], None
         for d in range(-context, context + 1):
             index = slice_index + d
-            norm = self._normalised(self._points(index, axis, torch.zeros(1), torch.zeros(1))[0])
-            disp = _sample_coarse(field, norm).T  # the deformation in label voxels, once per pixel
-            img_lab = self._lookup(lm, m, disp, self._points(index, axis, sub, depth))  # (n_sub, H*W)
+            norm = self._normalised(self._points(index, axis, torch.zeros(1), torch.zeros(1), window)[0])
+            disp = sample_coarse(field, norm).T  # the deformation in label voxels, once per pixel
+            img_lab = self._lookup(lm, m, disp, self._points(index, axis, sub, depth, window))  # (n_sub, H*W)
             if d == 0:  # the target: the class histogram of the k^3 label sub-samples of each pixel
-                lab = img_lab if not thick else self._lookup(lm, m, disp, self._points(index, axis, sub, sub))
+                lab = img_lab if not thick else self._lookup(lm, m, disp, self._points(index, axis, sub, sub, window))
                 target = self._histogram(lm["classes"][lab], flip)
             img = (means[img_lab] + stds[img_lab] * torch.randn(img_lab.shape, generator=g).to(self.device)).mean(0)
-            img = (img * torch.exp(_sample_coarse(bias, norm)[0]).to(self.device)).view(*hw)
-            img = _blur2d(img, sigma) + torch.randn(hw, generator=g).to(self.device) * noise_level
+            img = (img * torch.exp(sample_coarse(bias, norm)[0]).to(self.device)).view(*hw)
+            img = blur2d(img, sigma) + torch.randn(hw, generator=g).to(self.device) * noise_level
             images.append(((img.clamp_min(0) - lo) / (hi - lo)).clamp(0, 1).pow(gamma))
         img = torch.stack(images)
         return img.float().cpu().numpy(), target.view(-1, *hw).cpu().numpy(), head
@@ -312,13 +319,32 @@ class LabelMapSynth:
         target = torch.zeros((self.scheme.num_classes, classes.shape[1]), dtype=torch.float32, device=self.device)
         return target.scatter_add_(0, classes, torch.full(classes.shape, 1.0 / classes.shape[0], device=self.device))
 
-    def _points(self, index: float, axis: int, in_plane_offsets: torch.Tensor, depth_offsets: torch.Tensor):
-        """Conformed voxel coordinates (n_sub, H*W, 3) of a slice's sub-samples."""
+    def _crop_window(self, lm: dict, m: np.ndarray, field: torch.Tensor, index: int, axis: int, crop: int,
+                     g: torch.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(start, size) along the two in-plane axes of a ``crop`` window around the slice's
+        labelled region (one label sample per pixel), moved by up to a quarter of the window."""
+        pts = self._points(index, axis, torch.zeros(1), torch.zeros(1))
+        lab = self._lookup(lm, m, sample_coarse(field, self._normalised(pts[0])).T, pts)
+        hw = [self.settings.shape[a] for a in range(3) if a != axis]
+        fg = (lm["classes"][lab[0]] > 0).view(*hw).cpu().numpy()
+        window = []
+        for a, n in enumerate(hw):
+            jitter = float(torch.empty(1).uniform_(-crop / 4, crop / 4, generator=g))
+            hits = np.flatnonzero(fg.any(axis=1 - a))
+            centre = (hits[0] + hits[-1]) / 2.0 if hits.size else (n - 1) / 2.0
+            window.append((int(min(max(round(centre + jitter - crop / 2), 0), n - crop)), crop) if crop < n else (0, n))
+        return window[0], window[1]
+
+    def _points(self, index: float, axis: int, in_plane_offsets: torch.Tensor, depth_offsets: torch.Tensor,
+                window: tuple[tuple[int, int], tuple[int, int]] | None = None):
+        """Conformed voxel coordinates (n_sub, H*W, 3) of a slice's sub-samples (of the in-plane
+        ``window``'s pixels, (start, size) per in-plane axis, when given)."""
         shape = self.settings.shape
-        axes = [torch.tensor([float(index)]) if a == axis else torch.arange(shape[a], dtype=torch.float32)
-                for a in range(3)]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         in_plane = [a for a in range(3) if a != axis]
+        ranges = dict(zip(in_plane, window or [(0, shape[a]) for a in in_plane]))
+        axes = [torch.tensor([float(index)]) if a == axis
+                else torch.arange(ranges[a][0], ranges[a][0] + ranges[a][1], dtype=torch.float32) for a in range(3)]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
         offs = []
         for d in depth_offsets.tolist():
             for o1 in in_plane_offsets.tolist():
@@ -339,14 +365,15 @@ class LabelMapSynth:
         vox = pts @ torch.from_numpy(m[:3, :3].T).float() + torch.from_numpy(m[:3, 3]).float()
         if disp is not None:
             vox = vox + disp
-        idx = torch.round(vox).long().reshape(-1, 3)
-        dims = torch.tensor(lm["shape"])
-        inside = ((idx >= 0) & (idx < dims)).all(1)
-        idx = torch.minimum(idx.clamp_min(0), dims - 1)
-        lin = (idx[:, 0] * dims[1] + idx[:, 1]) * dims[2] + idx[:, 2]
-        out = lm["flat"][lin.to(self.device)].long()
-        out = torch.where(inside.to(self.device), out, torch.zeros_like(out))
-        return out.view(n, p)
+        # rounded and bounds-checked in float, indexed in int32: about twice as fast as int64
+        vox = torch.round(vox)
+        hi = torch.tensor([s - 1 for s in lm["shape"]], dtype=torch.float32)
+        inside = ((vox >= 0) & (vox <= hi)).all(-1)
+        idx = torch.minimum(vox.clamp_min(0), hi).to(torch.int32)
+        _, d1, d2 = lm["shape"]
+        lin = (idx[..., 0] * d1 + idx[..., 1]) * d2 + idx[..., 2]
+        out = lm["flat"].index_select(0, lin.reshape(-1).to(self.device)).view(n, p)
+        return out.masked_fill(~inside.to(self.device), 0).long()
 
     def _window(self, lm, m, means, stds, g) -> tuple[float, float]:
         """The robust intensity window of the whole (deformation-free, unbiased) volume,
@@ -370,21 +397,3 @@ class LabelMapSynth:
             spec.slice_of(cls, k)[...] = t.argmax(0)
         return img, cls
 
-
-def _sample_coarse(vol: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Trilinear sample of a coarse (1, C, d, d, d) field at normalised points (P, 3) -> (C, P)."""
-    gg = norm[:, [2, 1, 0]].float().view(1, -1, 1, 1, 3)
-    return F.grid_sample(vol, gg, mode="bilinear", padding_mode="border", align_corners=True)[0, :, :, 0, 0]
-
-
-def _blur2d(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    if sigma < 0.3:
-        return img
-    r = int(math.ceil(2.5 * sigma))
-    x = torch.arange(-r, r + 1, dtype=img.dtype, device=img.device)
-    k = torch.exp(-(x**2) / (2 * sigma**2))
-    k = k / k.sum()
-    t = img[None, None]
-    t = F.conv2d(F.pad(t, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
-    t = F.conv2d(F.pad(t, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
-    return t[0, 0]

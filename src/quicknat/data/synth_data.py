@@ -29,10 +29,10 @@ class SynthSliceDataset(torch.utils.data.Dataset):
     the view's scheme, QuickNAT's weight map) plus ``target`` (C, H, W): the soft class target
     the loss uses (see :class:`quicknat.losses.QuickNATLoss`). ``label`` is its most likely class.
 
-    With ``crop`` (pixels, 0 for whole slices) each item is a ``crop`` x ``crop`` window whose
-    centre is that of the slice's labelled region moved by up to a quarter of the window (seeded
-    with the item), kept inside the slice: the network sees less empty field per step (a 96² crop
-    of a 128² slice costs 56 % of its compute), and being fully convolutional it segments whole
+    With ``crop`` (pixels, 0 for whole slices) each item is a ``crop`` x ``crop`` window around
+    the slice's labelled region (see :meth:`LabelMapSynth.sample`, which renders only the
+    window): the network sees less empty field per step (a 96² crop of a 128² slice costs 56 %
+    of its compute and of its generation), and being fully convolutional it segments whole
     slices at inference.
     """
 
@@ -58,12 +58,10 @@ class SynthSliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         s = (self.seed * 1_000_003 + self.epoch * 100_003 + i) % (2**31)
-        img, target = self.synth.sample(self.spec.name, s, context=self.context)
+        img, target = self.synth.sample(self.spec.name, s, context=self.context, crop=self.crop)
         t = torch.from_numpy(target)
         if self.num_classes != t.shape[0]:
             t = torch.zeros((self.num_classes, *t.shape[1:])).index_add_(0, self.merge, t)
-        if self.crop:
-            img, t = self._crop(img, t, s)
         cls = t.argmax(0).numpy()
         return {
             "image": torch.from_numpy(np.ascontiguousarray(img)),
@@ -71,22 +69,6 @@ class SynthSliceDataset(torch.utils.data.Dataset):
             "target": t,
             "weight": torch.from_numpy(weight_map(cls, self.class_weights, self.edge_weight)),
         }
-
-    def _crop(self, img: np.ndarray, t: torch.Tensor, seed: int) -> tuple[np.ndarray, torch.Tensor]:
-        c = self.crop
-        g = torch.Generator().manual_seed(seed + 1)
-        fg = (t[0] < 0.5).numpy()
-        corner = []
-        for a, n in enumerate(img.shape[1:]):
-            if c >= n:
-                corner.append(0)
-                continue
-            hits = np.flatnonzero(fg.any(axis=1 - a))
-            centre = (hits[0] + hits[-1]) / 2.0 if hits.size else (n - 1) / 2.0
-            jitter = float(torch.empty(1).uniform_(-c / 4, c / 4, generator=g))
-            corner.append(int(min(max(round(centre + jitter - c / 2), 0), n - c)))
-        win = tuple(slice(k, k + c) for k in corner)
-        return img[(slice(None), *win)], t[(slice(None), *win)]
 
 
 class SynthVolumes:
