@@ -25,9 +25,13 @@ def test_synth_is_a_typed_validated_part(tmp_path):
 
 
 def test_shipped_recipes_load():
-    for name in ("synth_cpu_v2.yaml", "synth_gpu.yaml", "quicknat_paper.yaml", "finetune.yaml"):
-        cfg = load_config(ROOT / "configs" / name)
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(paths) >= 11
+    for path in paths:
+        cfg = load_config(path)
         assert cfg.epochs >= 1
+    v7 = load_config(ROOT / "configs" / "synth_cpu_v7.yaml")  # v6 with narrower degradations
+    assert v7.context == 1 and v7.synth.thick_prob == 0.1 and v7.synth.bias_std == 0.35
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 

@@ -29,6 +29,10 @@ def test_weight_map_by_hand_with_non_contiguous_ids():
     # frequencies 10/16, 4/16, 1/16, 1/16; median = 2.5/16 -> weights 0.25, 0.625, 2.5, 2.5
     np.testing.assert_allclose(w, [0.25, 0.625, 2.5, 2.5])
     np.testing.assert_allclose(median_frequency_weights(counts, cap=1.0), [0.25, 0.625, 1.0, 1.0])
+    # tempered (weight_power): square roots of the same ratios; power 0: every class seen weighs 1
+    np.testing.assert_allclose(median_frequency_weights(counts, cap=10, power=0.5),
+                               [0.5, 0.625**0.5, 2.5**0.5, 2.5**0.5])
+    np.testing.assert_allclose(median_frequency_weights(np.array([10, 0, 1, 1]), power=0.0), [1.0, 0.0, 1.0, 1.0])
     edges = edge_map(cls)
     expected = np.array([[0, 1, 1, 0],
                          [1, 1, 1, 1],

@@ -126,6 +126,7 @@ class TrainConfig:
     ce_weight: float = 1.0
     edge_weight: float = 2.0
     weight_cap: float = 10.0
+    weight_power: float = 1.0  # class weights (median f / f_c) ** power: 1 QuickNAT's, 0 none
     # data
     conform: ConformSettings = field(default_factory=ConformSettings)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)
@@ -156,7 +157,8 @@ class TrainConfig:
         need(0 <= self.dropout < 1, "dropout", "a number in [0, 1)")
         need(0 <= self.min_foreground < 1, "min_foreground", "a number in [0, 1)")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "null or a number > 0")
-        for key in ("momentum", "weight_decay", "dice_weight", "ce_weight", "edge_weight", "weight_cap"):
+        for key in ("momentum", "weight_decay", "dice_weight", "ce_weight", "edge_weight", "weight_cap",
+                    "weight_power"):
             need(getattr(self, key) >= 0, key, "a number >= 0")
 
     def to_dict(self) -> dict[str, Any]:

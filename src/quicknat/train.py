@@ -104,7 +104,8 @@ def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingDa
     if not manifest.scans_in("train"):
         raise QuicknatInputError(manifest.path, "the train split holds no scans")
     scheme = manifest.label_scheme()
-    common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, edge_weight=cfg.edge_weight, seed=cfg.seed,
+    common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, weight_power=cfg.weight_power,
+                  edge_weight=cfg.edge_weight, seed=cfg.seed,
                   context=cfg.context)
     if all(s.image is None for s in manifest.scans_in("train")):
         return synthetic_training_data(manifest, scheme, view, synth=cfg.synth,

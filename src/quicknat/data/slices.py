@@ -9,7 +9,8 @@
 * **Weights**: QuickNAT's per-pixel weight map, ``w = w_class[label] + w0 * edge``, where
   ``w_class`` is median-frequency balancing over the training set (``median(f) / f_c`` with
   true division, ``f_c`` the fraction of voxels of class ``c`` among all training voxels,
-  capped at ``weight_cap`` = 10; classes never seen get weight 0), and ``edge`` marks pixels one
+  capped at ``weight_cap`` = 10; classes never seen get weight 0; ``weight_power`` < 1 tempers
+  them: ``(median(f) / f_c) ** weight_power``), and ``edge`` marks pixels one
   of whose 4 neighbours has another class. ``w0`` defaults to 2 (the original QuickNAT code;
   FastSurfer uses 5).
 * **Augmentation** (optional, training only): left-right flip with the lateral classes swapped
@@ -70,14 +71,14 @@ def edge_map(classes: np.ndarray) -> np.ndarray:
     return edge
 
 
-def median_frequency_weights(counts: np.ndarray, cap: float = WEIGHT_CAP) -> np.ndarray:
-    """Class weights ``median(f) / f_c`` over classes present (true division), capped."""
+def median_frequency_weights(counts: np.ndarray, cap: float = WEIGHT_CAP, power: float = 1.0) -> np.ndarray:
+    """Class weights ``(median(f) / f_c) ** power`` over classes present (true division), capped."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     w = np.zeros_like(counts)
     if present.any():
         freq = counts[present] / counts.sum()
-        w[present] = np.minimum(np.median(freq) / freq, cap)
+        w[present] = np.minimum((np.median(freq) / freq) ** power, cap)
     return w
 
 
@@ -276,13 +277,14 @@ class TrainingData:
     facts: dict = field(default_factory=dict)
 
 
-def class_weights_for(counts: np.ndarray, merge: np.ndarray, num_classes: int, cap: float) -> np.ndarray:
+def class_weights_for(counts: np.ndarray, merge: np.ndarray, num_classes: int, cap: float,
+                      power: float = 1.0) -> np.ndarray:
     """Median-frequency weights of a view's classes from voxel counts of the full scheme."""
-    return median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cap)
+    return median_frequency_weights(np.bincount(merge, weights=counts, minlength=num_classes), cap, power)
 
 
 def real_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, settings: ConformSettings,
-                       cache_dir: str | Path | None = None, weight_cap: float = WEIGHT_CAP,
+                       cache_dir: str | Path | None = None, weight_cap: float = WEIGHT_CAP, weight_power: float = 1.0,
                        edge_weight: float = EDGE_WEIGHT, min_foreground: float = MIN_FOREGROUND,
                        augment: AugmentConfig | None = None, seed: int = 0, context: int = 0) -> TrainingData:
     """Slices of the manifest's labelled training scans; its validation scans, whole."""
@@ -293,7 +295,7 @@ def real_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, se
         log.warning("label IDs not in scheme %s (set to background): %s", scheme.name,
                     dict(sorted(train_cache.unknown.items())[:10]))
     weights = class_weights_for(train_cache.class_counts(), spec.merge_index(scheme),
-                                spec.scheme(scheme).num_classes, weight_cap)
+                                spec.scheme(scheme).num_classes, weight_cap, weight_power)
     data = SliceDataset(train_cache, view, weights, edge_weight, min_foreground, augment, seed, context)
     return TrainingData(data, [ValidationSet("validation", val_cache)],
                         {"train_scans": len(train_cache.ids), "validation_scans": len(val_cache.ids),

@@ -87,8 +87,8 @@ class SynthVolumes:
 
 def synthetic_training_data(manifest: Manifest, scheme: LabelScheme, view: str, *, settings: ConformSettings,
                             synth: SynthConfig, length: int, cache_dir: str | Path | None = None,
-                            weight_cap: float = 10.0, edge_weight: float = 2.0, seed: int = 0,
-                            context: int = 0) -> TrainingData:
+                            weight_cap: float = 10.0, weight_power: float = 1.0, edge_weight: float = 2.0,
+                            seed: int = 0, context: int = 0) -> TrainingData:
     """Training slices generated from the manifest's training label maps (``length`` per
     epoch); validation volumes synthesised from its validation label maps with fixed seeds (the
     same every epoch and run); and its validation scans that have an image (real labelled
@@ -104,7 +104,8 @@ def synthetic_training_data(manifest: Manifest, scheme: LabelScheme, view: str, 
     counts = np.zeros(scheme.num_classes)
     for arr, _ in train_maps:
         counts += np.bincount(scheme.encode(arr)[0].reshape(-1), minlength=scheme.num_classes)
-    weights = class_weights_for(counts, spec.merge_index(scheme), spec.scheme(scheme).num_classes, weight_cap)
+    weights = class_weights_for(counts, spec.merge_index(scheme), spec.scheme(scheme).num_classes, weight_cap,
+                                weight_power)
     generator = LabelMapSynth(train_maps, scheme, settings, synth)
     data = SynthSliceDataset(generator, view, weights, edge_weight, length, seed, crop=synth.crop, context=context)
     label_only = [it for it in val_items if it[1] is None]
