@@ -139,9 +139,10 @@ def main() -> None:
                                                                  classes, False)))
     synth = generator(args.config, args.size)
     crop = synth.cfg.crop if synth.cfg.crop < args.size else 0
+    net_rate = rows[0][1]
     if crop:  # training on crops: the network's rate on them
-        rows.append((f"network, quicknat channels-last, {crop}² crops",
-                     network_rate(ours, dev, crop, args.batch, args.steps, classes, True)))
+        net_rate = network_rate(ours, dev, crop, args.batch, args.steps, classes, True)
+        rows.append((f"network, quicknat channels-last, {crop}² crops", net_rate))
     n = args.batch * args.steps
     weights = np.ones(classes, np.float32)
     gen_rows = []
@@ -154,8 +155,7 @@ def main() -> None:
             gen_rows.append((f"generator alone, context {context}, " + (f"{c}² window" if c else "whole slice"),
                              n / (time.perf_counter() - t)))
     rows += gen_rows
-    gen_rate = gen_rows[1 if crop else 0][1]
-    net_rate = rows[3][1] if crop else rows[0][1]  # the crop network, else the whole-slice one
+    gen_rate = gen_rows[1 if crop else 0][1]  # as training runs: the window when cropping
     rows.append(("both, in one process (estimate 1/(1/a+1/b))", 1.0 / (1.0 / net_rate + 1.0 / gen_rate)))
     flops = 3 * conv_flops(ours, args.size, dev)
     rate = matmul_rate(dev)

@@ -105,8 +105,7 @@ def training_data(manifest: Manifest, view: str, cfg: TrainConfig) -> TrainingDa
         raise QuicknatInputError(manifest.path, "the train split holds no scans")
     scheme = manifest.label_scheme()
     common = dict(settings=cfg.conform, weight_cap=cfg.weight_cap, weight_power=cfg.weight_power,
-                  edge_weight=cfg.edge_weight, seed=cfg.seed,
-                  context=cfg.context)
+                  edge_weight=cfg.edge_weight, seed=cfg.seed, context=cfg.context)
     if all(s.image is None for s in manifest.scans_in("train")):
         return synthetic_training_data(manifest, scheme, view, synth=cfg.synth,
                                        length=(cfg.steps_per_epoch or 500) * cfg.batch_size,
