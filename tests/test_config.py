@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,12 +27,15 @@ def test_synth_is_a_typed_validated_part(tmp_path):
 
 def test_shipped_recipes_load():
     paths = sorted((ROOT / "configs").glob("*.yaml"))
-    assert len(paths) >= 11
+    assert len(paths) >= 13
     for path in paths:
         cfg = load_config(path)
         assert cfg.epochs >= 1
     v7 = load_config(ROOT / "configs" / "synth_cpu_v7.yaml")  # v6 with narrower degradations
     assert v7.context == 1 and v7.synth.thick_prob == 0.1 and v7.synth.bias_std == 0.35
+    v8, v8_2d = (load_config(ROOT / "configs" / f"synth_cpu_v8{s}.yaml") for s in ("", "_2d"))
+    assert v8.dropout == v8_2d.dropout == 0.05 and (v8.context, v8_2d.context) == (1, 0)  # v7 with dropout 0.05
+    assert replace(v8, dropout=0.2) == v7 and replace(v8_2d, dropout=0.2, context=1) == v7
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
