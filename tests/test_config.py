@@ -42,3 +42,17 @@ def test_shipped_recipes_load():
 
 def test_old_t1_share_key_still_reads():
     assert SynthConfig.from_dict({"t1_share": 0.8}).random_share == pytest.approx(0.2)
+
+
+def test_base_key_reads_the_base_first(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 0.01\nepochs: 3\nsynth:\n  noise_max: 5.0\n  bias_std: 0.1\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nepochs: 7\nsynth:\n  noise_max: 2.0\n")
+    cfg = load_config(tmp_path / "sub" / "b.yaml")
+    assert (cfg.lr, cfg.epochs, cfg.synth.noise_max, cfg.synth.bias_std) == (0.01, 7, 2.0, 0.1)
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(QuicknatInputError, match="includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "gone.yaml").write_text("base: nosuch.yaml\n")
+    with pytest.raises(QuicknatInputError, match="does not exist"):
+        load_config(tmp_path / "gone.yaml")

@@ -188,24 +188,36 @@ class TrainConfig:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def _config_keys(path: Path, keys: dict[str, Any], seen: set[Path]) -> dict[str, Any]:
+    """``keys`` updated by the YAML file at ``path``; a file's ``base:`` (a path relative to it)
+    is read first, so a recipe can say only what it changes."""
+    try:
+        data = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
+    except FileNotFoundError:
+        raise QuicknatInputError(path, "config file does not exist") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise QuicknatInputError(path, f"cannot read the config ({str(exc).splitlines()[0]})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"expected a mapping of keys at the top level, got {type(data).__name__}")
+    data = dict(data or {})
+    if "base" in data:
+        seen = seen | {path.resolve()}
+        base = path.parent / str(data.pop("base"))
+        if base.resolve() in seen:
+            raise ValueError(f"base {base} includes itself")
+        keys = _config_keys(base, keys, seen)
+    for k, v in data.items():
+        keys[k] = {**keys[k], **v} if k in ("conform", "synth") and isinstance(v, dict) and k in keys else v
+    return keys
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> TrainConfig:
     """Defaults, then the YAML file, then non-None ``overrides`` (command-line flags)."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
         try:
-            data = yaml.load(path.read_text(), Loader=_YamlLoader)  # noqa: S506 (a SafeLoader)
-        except FileNotFoundError:
-            raise QuicknatInputError(path, "config file does not exist") from None
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise QuicknatInputError(path, f"cannot read the config ({str(exc).splitlines()[0]})") from None
-        try:
-            if data is not None and not isinstance(data, dict):
-                raise ValueError(f"expected a mapping of keys at the top level, got {type(data).__name__}")
-            base = cfg.to_dict()
-            for k, v in (data or {}).items():
-                base[k] = {**base[k], **v} if k in ("conform", "synth") and isinstance(v, dict) else v
-            cfg = TrainConfig.from_dict(base)
+            cfg = TrainConfig.from_dict(_config_keys(path, cfg.to_dict(), set()))
         except (ValueError, TypeError) as exc:
             raise QuicknatInputError(path, f"invalid config: {str(exc).splitlines()[0]}") from None
     try:
