@@ -11,7 +11,9 @@ Every section skips cleanly when its data is absent (``../shared/data`` beside t
    a small basal region, the label maps' CSF all extra-cerebral CSF: not comparable).
 2. **Held-out synthetic volumes**: label maps ``training_seg_19/20`` (never trained on), with
    fixed seeds, T1-like (SynthSeg's T1 priors from ``../shared/data/synthseg_priors``) and random
-   contrast: mean Dice over 32 structures.
+   contrast: mean Dice over 32 structures; and T1-like whole heads (scalp, skull, eyes never
+   stripped): Dice, and the share of labelled voxels farther than 3 mm from the map's brain
+   (its labelled structures), the outside-brain share measured on a head that has a scalp.
 3. **MNI152** (nilearn's 2009 template, a real whole-head T1): aseg33 merged to tissue against
    argmax(CSF, GM, WM) of the template's maps inside its brain mask; and the share of labelled
    voxels outside the brain mask dilated by 3 mm. nilearn's template is already skull-stripped,
@@ -69,8 +71,9 @@ def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) 
     modes = {"random contrast": SynthConfig(random_share=1.0, soft=False)}
     if priors is not None and priors.exists():
         modes["T1-like (priors)"] = SynthConfig(random_share=0.0, priors=str(priors), soft=False)
+        modes["T1-like whole head"] = SynthConfig(random_share=0.0, priors=str(priors), soft=False, strip_prob=0.0)
     for mode, cfg in modes.items():
-        means = []
+        means, outside = [], []
         for f in files:
             lab = load_volume(f)
             synth = LabelMapSynth([(lab.array, lab.affine)], seg.scheme, seg.settings, cfg)
@@ -80,7 +83,12 @@ def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) 
                 scores = evaluate_pair(seg.scheme.decode(res.classes), seg.scheme.decode(cls), seg.scheme,
                                        surface=False)
                 means.append(_mean(scores)[0])
+                far = ndimage.distance_transform_edt(cls == 0, sampling=seg.settings.voxel_size) > 3.0
+                labelled = res.classes > 0
+                outside.append(100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1))
         out[mode] = float(np.mean(means))
+        if cfg.strip_prob == 0.0:
+            out[f"{mode}, outside brain %"] = float(np.mean(outside))
     return out
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from quicknat.model import QuickNAT, QuickNATConfig, count_parameters, set_mc_dropout, widen_input
+from quicknat.model import QuickNAT, QuickNATConfig, count_parameters, set_mc_dropout, widen_filters, widen_input
 from quicknat.model.blocks import ChannelSE, ChannelSpatialSE, DenseBlock, SpatialSE
 
 
@@ -92,3 +92,31 @@ def test_widen_input_computes_exactly_what_the_2d_network_did():
         widen_input(wide.state_dict(), flat.state_dict(), 5, 1)
     with pytest.raises(ValueError, match="odd"):
         QuickNATConfig(in_channels=2)
+
+
+def test_widen_filters_computes_exactly_what_the_narrow_network_did():
+    torch.manual_seed(0)
+    narrow = QuickNAT(QuickNATConfig(num_classes=5, num_filters=6, in_channels=3)).eval()
+    for m in narrow.modules():  # batch norm statistics and affines that are not the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    cfg = QuickNATConfig(num_classes=5, num_filters=10, in_channels=3)
+    wide = QuickNAT(cfg)
+    wide.load_state_dict(widen_filters(narrow.state_dict(), wide.state_dict(), cfg, 6))
+    wide.eval()
+    x = torch.rand(2, 3, 48, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(x), narrow(x), atol=1e-5, rtol=1e-5)
+    # the new filters are not dead: one training step moves what reads them away from zero
+    wide.train()
+    opt = torch.optim.SGD(wide.parameters(), lr=0.1)
+    wide(x).square().mean().backward()
+    opt.step()
+    assert wide.classifier.weight[:, 6:].abs().max() > 0
+    with pytest.raises(ValueError, match="widen"):
+        widen_filters(wide.state_dict(), narrow.state_dict(), narrow.config, 10)
+    with pytest.raises(ValueError, match="se"):
+        widen_filters(narrow.state_dict(), wide.state_dict(), QuickNATConfig(num_filters=10, se="cse"), 6)

@@ -122,9 +122,15 @@ def test_fine_tuning_init_and_scheme_mismatch(tmp_path, tiny_model):
     with pytest.raises(QuicknatInputError, match="architecture"):  # and never the other way round
         train(manifest, tmp_path / "ft4", "coronal", tiny_config(epochs=1, steps_per_epoch=1), init=wide,
               device="cpu")
-    # different architecture: refused
+    # more filters: the narrow network warm-starts the wider one (model.widen_filters); fewer: refused
+    wider = train(manifest, tmp_path / "ftw", "coronal", tiny_config(num_filters=12, epochs=1, steps_per_epoch=1),
+                  init=tiny_model, device="cpu")
+    assert load_checkpoint(wider / "coronal.pt").config.num_filters == 12
     with pytest.raises(QuicknatInputError, match="architecture"):
         train(manifest, tmp_path / "ft3", "coronal", tiny_config(num_filters=6, epochs=1, steps_per_epoch=1),
+              init=tiny_model, device="cpu")
+    with pytest.raises(QuicknatInputError, match="architecture"):  # another kernel: refused
+        train(manifest, tmp_path / "ft5", "coronal", tiny_config(kernel_size=5, epochs=1, steps_per_epoch=1),
               init=tiny_model, device="cpu")
 
 

@@ -45,7 +45,7 @@ from .conform import ConformSettings
 from .errors import ModelNotFoundError, QuicknatInputError
 from .io import atomic_write_bytes, atomic_write_text
 from .labels import LabelScheme
-from .model import QuickNAT, QuickNATConfig, widen_input
+from .model import QuickNAT, QuickNATConfig, widen_filters, widen_input
 from .views import VIEWS, get_view
 
 log = logging.getLogger(__name__)
@@ -217,16 +217,22 @@ def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, r
     if ck.view != view:
         raise QuicknatInputError(path, f"holds the {ck.view} view, not {view}")
     ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout,
-                   in_channels=ck.config.in_channels)
-    if ours != ck.config or ck.config.in_channels > net.config.in_channels:
-        raise QuicknatInputError(path, "architecture differs from this run's (filters, kernel, SE, depth or "
-                                       "more input slices)")
+                   in_channels=ck.config.in_channels, num_filters=ck.config.num_filters)
+    if (ours != ck.config or ck.config.in_channels > net.config.in_channels
+            or ck.config.num_filters > net.config.num_filters or (ck.config.num_filters < net.config.num_filters
+                                                                  and net.config.se != "none")):
+        raise QuicknatInputError(path, "architecture differs from this run's (kernel, SE, depth, more filters "
+                                       "or more input slices)")
     if ck.scheme != scheme and not reset_classifier:
         raise QuicknatInputError(
             path, f"label scheme {ck.scheme.name!r} differs from the data's {scheme.name!r}; "
             "pass --reset-classifier to re-initialise the classifier"
         )
     state = dict(ck.state_dict)
+    if ck.config.num_filters != net.config.num_filters:  # a narrow network warm-starts a wider one
+        wide = replace(net.config, num_classes=ck.config.num_classes, in_channels=ck.config.in_channels)
+        own = net.state_dict() if wide == net.config else QuickNAT(wide).state_dict()
+        state = widen_filters(state, own, wide, ck.config.num_filters)
     if ck.config.in_channels != net.config.in_channels:  # a 2D view warm-starts a 2.5D one
         state = widen_input(state, net.state_dict(), ck.config.in_channels, net.config.in_channels)
     if ck.scheme != scheme:

@@ -127,3 +127,47 @@ def widen_input(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], ol
         new.index_copy_(dim, torch.tensor(old_idx), value.to(new.dtype))
         out[key] = new
     return out
+
+
+def widen_filters(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], config: QuickNATConfig,
+                  old: int) -> dict[str, torch.Tensor]:
+    """A state dict of a network with ``old`` filters per block made to fit ``config``'s wider one
+    (``own``: its freshly initialised state dict), so a trained narrow network warm-starts a wider
+    one. Every convolution keeps its old filters as its first output channels, and reads the old
+    channels where the wider network puts them (each concatenation of a dense block or decoder
+    shifts them). The new filters keep their fresh initialisation, but what reads them starts at
+    zero, so the widened network computes exactly what the old one did; training then grows them
+    (the zero-initialised outgoing weights receive gradients at once). New batch norm channels
+    keep their fresh statistics. Only ``se: none`` networks, whose blocks hold nothing else."""
+    new = config.num_filters
+    if new < old:
+        raise ValueError(f"cannot widen {old} filters to {new}")
+    if config.se != "none":
+        raise ValueError("widening the filters needs se: none")
+    out = dict(state)
+
+    def put(key: str, rows: int | None, cols: list[int] | None) -> None:
+        value, fresh = state[key], own[key].clone()
+        if value.ndim == 4:  # convolution weight: (out, in, k, k); what the old rows read of new channels is zero
+            fresh[:rows] = 0
+            fresh[:rows, cols] = value
+        else:  # bias or batch norm vector: the old channels' entries
+            fresh[list(range(rows)) if cols is None else cols] = value
+        out[key] = fresh
+
+    def dense(prefix: str, layout: list[int], width: int) -> None:
+        for k in (1, 2, 3):
+            for stat in ("weight", "bias", "running_mean", "running_var"):
+                put(f"{prefix}.bn{k}.{stat}", None, layout)
+            put(f"{prefix}.conv{k}.weight", old, layout)
+            put(f"{prefix}.conv{k}.bias", old, None)
+            layout = layout + [width + (k - 1) * new + i for i in range(old)]
+
+    dense("encoders.0.dense", list(range(config.in_channels)), config.in_channels)
+    for i in range(1, config.depth):
+        dense(f"encoders.{i}.dense", list(range(old)), new)
+    dense("bottleneck", list(range(old)), new)
+    for i in range(config.depth):  # the skip's channels, then the unpooled ones
+        dense(f"decoders.{i}.dense", list(range(old)) + [new + i for i in range(old)], 2 * new)
+    put("classifier.weight", config.num_classes, list(range(old)))
+    return out
