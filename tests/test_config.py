@@ -36,6 +36,10 @@ def test_shipped_recipes_load():
     v8, v8_2d = (load_config(ROOT / "configs" / f"synth_cpu_v8{s}.yaml") for s in ("", "_2d"))
     assert v8.dropout == v8_2d.dropout == 0.05 and (v8.context, v8_2d.context) == (1, 0)  # v7 with dropout 0.05
     assert replace(v8, dropout=0.2) == v7 and replace(v8_2d, dropout=0.2, context=1) == v7
+    v9, v9_2d = (load_config(ROOT / "configs" / f"synth_cpu_v9{s}.yaml") for s in ("", "_2d"))
+    assert v9.num_filters == v9_2d.num_filters == 24 and (v9.context, v9_2d.context) == (1, 0)  # v8, wider
+    assert replace(v9, num_filters=16, lr=v8.lr, lr_step=v8.lr_step) == v8
+    assert replace(v9_2d, num_filters=16, lr=v8.lr, lr_step=v8.lr_step) == v8_2d
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
