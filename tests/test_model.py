@@ -71,15 +71,20 @@ def test_config_validation_and_round_trip():
         QuickNATConfig(se="bogus")
 
 
-def test_widen_input_computes_exactly_what_the_2d_network_did():
-    torch.manual_seed(0)
-    flat = QuickNAT(QuickNATConfig(num_classes=5, num_filters=8)).eval()
-    for m in flat.modules():  # batch norm statistics and affines that are not the identity
+def randomise_batch_norm(net: nn.Module) -> nn.Module:
+    """Batch norm statistics and affines that are not the identity (so widening is really tested)."""
+    for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.5, 0.5)
+    return net
+
+
+def test_widen_input_computes_exactly_what_the_2d_network_did():
+    torch.manual_seed(0)
+    flat = randomise_batch_norm(QuickNAT(QuickNATConfig(num_classes=5, num_filters=8)).eval())
     wide = QuickNAT(QuickNATConfig(num_classes=5, num_filters=8, in_channels=5)).eval()
     wide.load_state_dict(widen_input(flat.state_dict(), wide.state_dict(), 1, 5))
     assert wide.config.context == 2 and flat.config.context == 0
@@ -96,13 +101,7 @@ def test_widen_input_computes_exactly_what_the_2d_network_did():
 
 def test_widen_filters_computes_exactly_what_the_narrow_network_did():
     torch.manual_seed(0)
-    narrow = QuickNAT(QuickNATConfig(num_classes=5, num_filters=6, in_channels=3)).eval()
-    for m in narrow.modules():  # batch norm statistics and affines that are not the identity
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1)
-            m.running_var.uniform_(0.5, 2)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
+    narrow = randomise_batch_norm(QuickNAT(QuickNATConfig(num_classes=5, num_filters=6, in_channels=3)).eval())
     cfg = QuickNATConfig(num_classes=5, num_filters=10, in_channels=3)
     wide = QuickNAT(cfg)
     wide.load_state_dict(widen_filters(narrow.state_dict(), wide.state_dict(), cfg, 6))
