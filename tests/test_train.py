@@ -126,6 +126,10 @@ def test_fine_tuning_init_and_scheme_mismatch(tmp_path, tiny_model):
     wider = train(manifest, tmp_path / "ftw", "coronal", tiny_config(num_filters=12, epochs=1, steps_per_epoch=1),
                   init=tiny_model, device="cpu")
     assert load_checkpoint(wider / "coronal.pt").config.num_filters == 12
+    both = train(manifest, tmp_path / "ftwc", "coronal", tiny_config(num_filters=12, context=1, epochs=1,
+                                                                   steps_per_epoch=1),
+                 init=tiny_model, device="cpu")  # more filters and more input slices at once
+    assert load_checkpoint(both / "coronal.pt").config.in_channels == 3
     with pytest.raises(QuicknatInputError, match="architecture"):
         train(manifest, tmp_path / "ft3", "coronal", tiny_config(num_filters=6, epochs=1, steps_per_epoch=1),
               init=tiny_model, device="cpu")
