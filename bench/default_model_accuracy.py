@@ -83,11 +83,12 @@ def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) 
                 scores = evaluate_pair(seg.scheme.decode(res.classes), seg.scheme.decode(cls), seg.scheme,
                                        surface=False)
                 means.append(_mean(scores)[0])
-                far = ndimage.distance_transform_edt(cls == 0, sampling=seg.settings.voxel_size) > 3.0
-                labelled = res.classes > 0
-                outside.append(100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1))
+                if cfg.strip_prob == 0.0:  # a whole head: how much is labelled outside the brain
+                    far = ndimage.distance_transform_edt(cls == 0, sampling=seg.settings.voxel_size) > 3.0
+                    labelled = res.classes > 0
+                    outside.append(100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1))
         out[mode] = float(np.mean(means))
-        if cfg.strip_prob == 0.0:
+        if outside:
             out[f"{mode}, outside brain %"] = float(np.mean(outside))
     return out
 

@@ -219,8 +219,7 @@ def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, r
     ours = replace(net.config, num_classes=ck.config.num_classes, dropout=ck.config.dropout,
                    in_channels=ck.config.in_channels, num_filters=ck.config.num_filters)
     if (ours != ck.config or ck.config.in_channels > net.config.in_channels
-            or ck.config.num_filters > net.config.num_filters or (ck.config.num_filters < net.config.num_filters
-                                                                  and net.config.se != "none")):
+            or ck.config.num_filters > net.config.num_filters):
         raise QuicknatInputError(path, "architecture differs from this run's (kernel, SE, depth, more filters "
                                        "or more input slices)")
     if ck.scheme != scheme and not reset_classifier:
@@ -232,7 +231,10 @@ def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, r
     if ck.config.num_filters != net.config.num_filters:  # a narrow network warm-starts a wider one
         wide = replace(net.config, num_classes=ck.config.num_classes, in_channels=ck.config.in_channels)
         own = net.state_dict() if wide == net.config else QuickNAT(wide).state_dict()
-        state = widen_filters(state, own, wide, ck.config.num_filters)
+        try:
+            state = widen_filters(state, own, wide, ck.config.num_filters)
+        except ValueError as exc:
+            raise QuicknatInputError(path, f"architecture differs from this run's: {exc}") from None
     if ck.config.in_channels != net.config.in_channels:  # a 2D view warm-starts a 2.5D one
         state = widen_input(state, net.state_dict(), ck.config.in_channels, net.config.in_channels)
     if ck.scheme != scheme:
