@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="model (default: the shipped one)")
     ap.add_argument("--candidate", default=None, help="a second model to compare")
     ap.add_argument("--variants", nargs="*", default=[], metavar="OPTS",
-                    help="more candidate columns with Segmenter options, e.g. flip clean flip,clean (the plain "
+                    help="more candidate columns with Segmenter options, e.g. flip no-clean flip,no-clean (the plain "
                          "columns run without flip averaging)")
     ap.add_argument("--held-out", nargs="+", default=["training_seg_19", "training_seg_20"])
     ap.add_argument("--seeds", type=int, default=1)
@@ -149,8 +149,8 @@ def main() -> None:
     if args.candidate:
         models["candidate"] = (args.candidate, {"flip": False})
         for v in args.variants:
-            opts = {o: True for o in v.split(",")}
-            models["candidate+" + "+".join(opts)] = (args.candidate, {"flip": False, **opts})
+            opts = {o.removeprefix("no-"): not o.startswith("no-") for o in v.split(",")}
+            models["candidate+" + v.replace(",", "+")] = (args.candidate, {"flip": False, **opts})
     table: dict[str, dict[str, float]] = {}
     per_structure: dict[str, dict[str, float]] = {}
     for tag, (path, opts) in models.items():

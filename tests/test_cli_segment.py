@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import nibabel as nib
@@ -129,3 +130,16 @@ def test_cli_segment_checks_output_and_inputs_before_work(tmp_path, capsys):
     assert main(["segment", str(tmp_path / "empty"), "-o", str(tmp_path / "out")]) == 2
     assert "holds no scans" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_post_processing_defaults_and_flags_reach_the_sidecar(tmp_path, tiny_model):
+    ip, _ = phantom_files(tmp_path, 24, shape=(48, 48, 48), spacing=(3.0, 3.0, 3.0))
+    runs = {"default": [], "off": ["--no-clean", "--csf-reach", "0"]}
+    for name, flags in runs.items():
+        out = tmp_path / name
+        assert main(["segment", str(ip), "-o", str(out), "--model", str(tiny_model), "--no-flip", "--no-overlay",
+                     *flags]) == 0
+        (sidecar,) = out.glob("*_seg.json")
+        runs[name] = json.loads(sidecar.read_text())["options"]
+    assert runs["default"]["clean"] is True and runs["default"]["csf_reach_mm"] == 6.0
+    assert runs["off"]["clean"] is False and runs["off"]["csf_reach_mm"] == 0.0

@@ -158,6 +158,31 @@ def test_keep_brain_component_drops_a_scalp_rim_and_keeps_the_brain():
     assert torch.allclose(probs.sum(0), torch.ones(40, 40, 40))
 
 
+def test_limit_csf_drops_csf_far_from_the_brain_and_nothing_else():
+    from quicknat.labels import LabelClass, LabelScheme, get_scheme
+    from quicknat.segment import limit_csf
+
+    scheme = get_scheme("aseg33")
+    csf, wm = scheme.names.index("CSF"), scheme.names.index("Left-Cerebral-White-Matter")
+    zz, yy, xx = np.mgrid[:40, :40, :40]
+    d = np.sqrt((zz - 15) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2)
+    brain, shell = d <= 8, (d > 8) & (d <= 10)  # CSF up to 2 voxels (4 mm) off the brain ...
+    far = (zz >= 34) & (abs(yy - 20) <= 2) & (abs(xx - 20) <= 2)  # ... and 9+ voxels (18+ mm) below it
+    classes = np.zeros((40, 40, 40), np.int64)
+    classes[brain], classes[shell | far] = wm, csf
+    probs = torch.nn.functional.one_hot(torch.from_numpy(classes), scheme.num_classes).permute(3, 0, 1, 2).float()
+    before = probs.clone()
+    assert limit_csf(probs, scheme, voxel_size=2.0, reach_mm=0) == 0 and torch.equal(probs, before)
+    removed = limit_csf(probs, scheme, voxel_size=2.0, reach_mm=6.0)
+    out = probs.argmax(0).numpy()
+    assert removed == far.sum() and (out[far] == 0).all()
+    assert (out[shell] == csf).all() and (out[brain] == wm).all()
+    assert torch.allclose(probs.sum(0), torch.ones(40, 40, 40))
+    no_csf = LabelScheme("brain", (LabelClass("Unknown", 0, (0, 0, 0)), LabelClass("Brain", 2, (9, 9, 9))))
+    two = torch.stack([before[0], 1 - before[0]])  # CSF is no class of its own there: nothing changes
+    assert limit_csf(two, no_csf, voxel_size=2.0, reach_mm=6.0) == 0 and torch.equal(two[1], 1 - before[0])
+
+
 def test_view_probabilities_weighted_are_the_aggregate(tiny_model):
     from helpers import conformed_pair
 

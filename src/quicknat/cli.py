@@ -45,13 +45,9 @@ def _shard(text: str) -> tuple[int, int]:
 
 def _count(text: str) -> int:
     """argparse type: an integer >= 1 (a bad value is a one-line usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return int(text)
 
 
 def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
@@ -102,8 +98,10 @@ def _add_segment_parser(sub) -> None:
     p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
     p.add_argument("--no-flip", dest="flip", action="store_false",
                    help="no test-time left-right flip averaging (on by default; it costs ~1.8x network time)")
-    p.add_argument("--clean", action="store_true",
-                   help="keep only the brain: labels off its largest connected component become background")
+    p.add_argument("--no-clean", dest="clean", action="store_false",
+                   help="keep labels off the brain's largest connected component (by default they become background)")
+    p.add_argument("--csf-reach", type=float, default=6.0, metavar="MM", help="CSF farther than MM from the "
+                   "brain's other structures becomes background (default 6; 0 keeps all CSF)")
     p.add_argument("--amp", action="store_true",
                    help="bfloat16 autocast: faster, but changes some voxels (docs/performance.md)")
     p.add_argument("--max-voxels", type=_count, default=None, metavar="N",
@@ -326,6 +324,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         amp=args.amp,
         flip=args.flip,
         clean=args.clean,
+        csf_reach_mm=args.csf_reach,
         progress=sys.stderr.isatty(),
         max_voxels=args.max_voxels,
         pattern=args.pattern,

@@ -133,7 +133,8 @@ def segment_files(
     overlay: bool = True,
     amp: bool = False,
     flip: bool = True,
-    clean: bool = False,
+    clean: bool = True,
+    csf_reach_mm: float = 6.0,
     progress: bool = False,
     segmenter: Segmenter | None = None,
     stream: bool = True,
@@ -159,7 +160,8 @@ def segment_files(
     ``outdir`` is given. ``skip_existing`` keeps scans whose outputs are complete and newer than
     their input. With ``stream`` (the default), I/O overlaps compute: the next scan is read in one
     thread and the previous scan's outputs are written in another while the current scan is
-    segmented. ``max_voxels`` raises the voxel limit of :func:`quicknat.io.max_voxels`. ``plan``: the
+    segmented. ``clean`` and ``csf_reach_mm``: :class:`quicknat.segment.Segmenter`'s. ``max_voxels``
+    raises the voxel limit of :func:`quicknat.io.max_voxels`. ``plan``: the
     result of :func:`quicknat.discover.plan_run` for these arguments, when the caller already has it.
     """
     found, outdir = plan or plan_run(list(inputs), outdir, pattern=pattern, bids=bids, mc=mc,
@@ -168,7 +170,8 @@ def segment_files(
     shard = shard or shard_from_env()
     if shard is not None and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', shard[0] - 1)) % torch.cuda.device_count()}"
-    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean)
+    seg = segmenter or Segmenter(model, device=device, batch_size=batch_size, amp=amp, flip=flip, clean=clean,
+                                 csf_reach_mm=csf_reach_mm)
     seg.progress = progress
     if not inputs:
         found = find_inputs([example_scan()])
@@ -176,7 +179,7 @@ def segment_files(
     table_path, failures_path, log_path = _run_files(outdir, shard)
     layout = "bids" if bids_mode else "plain"
     meta = {"model": _model_label(model, seg), "quicknat_version": __version__,
-            "options": {"flip": flip, "mc": mc, "clean": clean, "amp": amp}}
+            "options": {"flip": flip, "mc": mc, "clean": clean, "csf_reach_mm": csf_reach_mm, "amp": amp}}
     wanted = ["seg", "volumes"] + ["tissue"] * tissue + ["posteriors"] * posteriors + ["overlay"] * overlay
     with _log_to(outdir / log_path.name if log_file else None):
         remove_stale_temps(outdir)
@@ -191,13 +194,20 @@ def segment_files(
                  res, where, s.name, tissue=tissue, overlay=overlay, layout=layout,
                  meta={**meta, "input": str(s.path.resolve())}),
              dict(mc=mc, posteriors=posteriors, uncertainty=uncertainty and mc > 0))
-        write_lut(outdir, seg.scheme)
-        if bids_mode:
-            write_dataset_description(outdir, __version__)
-        done = [o.outputs[0] for o in outcomes if not o.error and o.outputs]
-        table = write_cohort_table(table_path, cohort_rows(done))
-        fails = write_failures(failures_path, [(str(o.path.resolve()), o.error or "") for o in outcomes if o.error])
+        table, fails = _write_run_tables(outdir, seg.scheme, bids_mode, outcomes, table_path, failures_path)
     return RunSummary(outcomes, outdir, found, table, fails)
+
+
+def _write_run_tables(outdir: Path, scheme, bids_mode: bool, outcomes: list[ScanOutcome], table_path: Path,
+                      failures_path: Path) -> tuple[Path, Path]:
+    """The run's files at the output root: colour table, BIDS description, cohort and failure tables."""
+    write_lut(outdir, scheme)
+    if bids_mode:
+        write_dataset_description(outdir, __version__)
+    done = [o.outputs[0] for o in outcomes if not o.error and o.outputs]
+    table = write_cohort_table(table_path, cohort_rows(done))
+    fails = write_failures(failures_path, [(str(o.path.resolve()), o.error or "") for o in outcomes if o.error])
+    return table, fails
 
 
 def _outcomes(scans: list, outdir: Path, scheme, layout: str, wanted: list[str] | None) -> list[ScanOutcome]:
