@@ -136,10 +136,10 @@ class Segmenter:
         csf_reach_mm: CSF (the scheme's class named ``CSF``, if it has one) farther than this from
             every other labelled structure becomes background (:func:`limit_csf`); 0 keeps all.
             The label maps' CSF is the subarachnoid space around the brain, but in some maps it
-            also runs down the spinal canal and into cisterns far from the brain, and a network
-            trained on them calls dark head tissue (at the skull base, in the face, the canal) CSF: on
-            held-out synthetic whole heads nearly all the labels outside the brain were CSF, half
-            of them 20 mm or more from it. At 6 mm (``bench/csf_reach.py``, shipped model) the
+            also runs down the spinal canal, 20-80 mm from the brain, and a network
+            trained on them calls dark head tissue (at the skull base, in the face) CSF: on
+            held-out synthetic whole heads 94 % of the labels outside the brain were CSF, over a
+            third of them 20 mm or more from it. At 6 mm (``bench/csf_reach.py``, shipped model) the
             outside-brain share there fell from 2.85 % to 1.42 % and CSF Dice rose from 0.532 to
             0.547 (4 mm: 0.78 %, but CSF Dice 0.530); 93 % of the training maps' CSF lies within
             6 mm of another structure.
