@@ -59,8 +59,8 @@ def sync(device: torch.device) -> None:
 
 
 def conv_flops(net: torch.nn.Module, h: int, w: int) -> float:
-    """Floating-point operations of one forward pass of a (1, 1, h, w) slice (2 per MAC, convs
-    and the classifier; batch norm, PReLU, pooling and softmax are a rounding error)."""
+    """Floating-point operations of one forward pass of a (1, in_channels, h, w) slice (2 per MAC,
+    convs and the classifier; batch norm, PReLU, pooling and softmax are a rounding error)."""
     total = 0.0
 
     def hook(mod, inp, out):
@@ -70,7 +70,7 @@ def conv_flops(net: torch.nn.Module, h: int, w: int) -> float:
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     with torch.inference_mode():
-        net(torch.zeros(1, 1, h, w, device=next(net.parameters()).device))
+        net(torch.zeros(1, net.config.in_channels, h, w, device=next(net.parameters()).device))
     for hd in handles:
         hd.remove()
     return total
@@ -97,8 +97,9 @@ def run_views(seg: Segmenter, stacks: dict[str, np.ndarray], nets: dict[str, tor
         t = time.perf_counter()
         for name, st in stacks.items():
             net = nets[name]
+            ch = getattr(getattr(net, "config", None), "in_channels", 1)  # a 2.5D view: the slice as its neighbours
             for i in range(0, len(st), seg.batch_size):
-                x = torch.from_numpy(st[i : i + seg.batch_size]).unsqueeze(1).to(dev)
+                x = torch.from_numpy(st[i : i + seg.batch_size]).unsqueeze(1).expand(-1, ch, -1, -1).to(dev)
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=seg.amp):
                     net(x)
