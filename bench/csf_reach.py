@@ -6,7 +6,7 @@
    distance (mm, on their 1 mm grid) from each CSF voxel (label 24) to the nearest voxel of
    another aseg33 structure, as percentiles, and the share of CSF beyond each reach. The maps'
    CSF is the subarachnoid space around the brain, but in some maps it also runs down the spinal
-   canal and into cisterns 20-80 mm from brain tissue.
+   canal, 20-80 mm below the brain.
 2. **The model on held-out synthetic whole heads** (maps 19/20, T1-like, scalp/skull/eyes
    present, the same draws as ``bench/default_model_accuracy.py``): segmented once with flip
    averaging and no CSF limit, then for each reach (0: none, today's output before this limit

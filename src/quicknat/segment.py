@@ -134,7 +134,7 @@ class Segmenter:
             (``bench/csf_reach.py``); on the real labelled scan and MNI152 (skull-stripped) it
             changed no Dice (``bench/default_model_accuracy.py``).
         csf_reach_mm: CSF (the scheme's class named ``CSF``, if it has one) farther than this from
-            every other labelled structure becomes background (:func:`limit_csf`); 0 keeps all.
+            every other labelled structure becomes background (:func:`limit_csf`); 0 (or less) keeps all.
             The label maps' CSF is the subarachnoid space around the brain, but in some maps it
             also runs down the spinal canal, 20-80 mm from the brain, and a network
             trained on them calls dark head tissue (at the skull base, in the face) CSF: on
