@@ -22,14 +22,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
 from scipy import ndimage
 
 from quicknat.conform import plan_conform
 from quicknat.data.synth import LabelMapSynth, SynthConfig
 from quicknat.io import Volume, load_volume
 from quicknat.labels import get_scheme
-from quicknat.segment import Segmenter, keep_brain_component, limit_csf
+from quicknat.segment import Segmenter, far_csf, off_brain
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CSF_LABEL = 24
@@ -65,7 +64,7 @@ def _scores(classes: np.ndarray, truth: np.ndarray, far: np.ndarray, csf: int) -
 
 
 def whole_heads(model: str | None, holdout: list[str], reaches: list[float], seeds: int) -> None:
-    seg = Segmenter(model, device="cpu", flip=True, csf_reach_mm=0.0)
+    seg = Segmenter(model, device="cpu", flip=True, clean=False, csf_reach_mm=0.0)  # raw: clean-ups below
     csf = [n.casefold() for n in seg.scheme.names].index("csf")
     cfg = SynthConfig(random_share=0.0, priors=str(SHARED / "synthseg_priors"), soft=False, strip_prob=0.0)
     rows: dict[tuple[float, bool], list[tuple[float, float]]] = {}
@@ -80,13 +79,11 @@ def whole_heads(model: str | None, holdout: list[str], reaches: list[float], see
             res = seg.segment(Volume(img, plan_conform(lab, seg.settings).affine))
             far = ndimage.distance_transform_edt(truth == 0, sampling=seg.settings.voxel_size) > 3.0
             for reach in reaches:
-                for clean in (False, True):
-                    probs = torch.nn.functional.one_hot(torch.from_numpy(res.classes.astype(np.int64)),
-                                                        seg.scheme.num_classes).permute(3, 0, 1, 2).float()
-                    limit_csf(probs, seg.scheme, seg.settings.voxel_size, reach)
-                    if clean:
-                        keep_brain_component(probs, seg.settings.voxel_size)
-                    rows.setdefault((reach, clean), []).append(_scores(probs.argmax(0).numpy(), truth, far, csf))
+                classes = res.classes.copy()
+                classes[far_csf(classes, seg.scheme, seg.settings.voxel_size, reach)] = 0
+                rows.setdefault((reach, False), []).append(_scores(classes, truth, far, csf))
+                classes[off_brain(classes, seg.settings.voxel_size)] = 0  # then --clean, as segment does
+                rows.setdefault((reach, True), []).append(_scores(classes, truth, far, csf))
     if not rows:
         print("no held-out label maps: section 2 skipped")
         return

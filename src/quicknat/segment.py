@@ -299,10 +299,14 @@ class Segmenter:
 
         t = time.perf_counter()
         probs_cpu = probs.float().cpu()
-        limit_csf(probs_cpu, self.scheme, self.settings.voxel_size, self.csf_reach_mm)
+        classes = probs_cpu.argmax(0).numpy()  # once: both clean-ups read it, the output is it
+        drop = far_csf(classes, self.scheme, self.settings.voxel_size, self.csf_reach_mm)
+        classes[drop] = 0
         if self.clean:
-            keep_brain_component(probs_cpu, self.settings.voxel_size)
-        cls_crop = probs_cpu.argmax(0).to(torch.uint8).numpy()
+            drop |= off_brain(classes, self.settings.voxel_size)
+        _to_background(probs_cpu, drop)
+        classes[drop] = 0
+        cls_crop = classes.astype(np.uint8)
         conformed_classes = np.zeros(plan.shape, dtype=np.uint8)
         conformed_classes[region] = cls_crop
         fast = self.paths.fast_resample
@@ -333,37 +337,44 @@ def keep_brain_component(probs: torch.Tensor, voxel_size: float, bridge_mm: floa
     (cutting bridges thinner than about twice that, such as scalp touching the brain's surface
     in a few voxels), its largest connected component is kept, dilated back by the same ball and
     intersected with the mask (the brain's own boundary comes back). Returns the voxels removed."""
-    mask = (probs.argmax(0) > 0).numpy()
-    if not mask.any():
-        return 0
-    r = max(1, int(round(bridge_mm / voxel_size)))
-    zz, yy, xx = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    ball = zz**2 + yy**2 + xx**2 <= r * r
-    opened = ndimage.binary_opening(mask, ball)
-    lab, n = ndimage.label(opened if opened.any() else mask)
-    if n == 0:
-        return 0
-    sizes = np.bincount(lab.reshape(-1))
-    sizes[0] = 0
-    core = lab == int(sizes.argmax())
-    keep = ndimage.binary_dilation(core, ball) & mask
-    return _to_background(probs, mask & ~keep)
+    return _to_background(probs, off_brain(probs.argmax(0).numpy(), voxel_size, bridge_mm))
 
 
 def limit_csf(probs: torch.Tensor, scheme: LabelScheme, voxel_size: float, reach_mm: float) -> int:
     """Set to background (in place) the voxels of ``probs`` (C, X, Y, Z) whose most likely class
     is the scheme's ``CSF`` and that lie farther than ``reach_mm`` from every voxel of another
     labelled class. Returns the voxels changed (0 for a scheme without a class named CSF)."""
+    return _to_background(probs, far_csf(probs.argmax(0).numpy(), scheme, voxel_size, reach_mm))
+
+
+def off_brain(classes: np.ndarray, voxel_size: float, bridge_mm: float = 3.0) -> np.ndarray:
+    """The labelled voxels of a class map off its largest connected component (see
+    :func:`keep_brain_component`)."""
+    mask = classes > 0
+    if not mask.any():
+        return np.zeros_like(mask)
+    r = max(1, int(round(bridge_mm / voxel_size)))
+    zz, yy, xx = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    ball = zz**2 + yy**2 + xx**2 <= r * r
+    opened = ndimage.binary_opening(mask, ball)
+    lab, n = ndimage.label(opened if opened.any() else mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(lab.reshape(-1))
+    sizes[0] = 0
+    core = lab == int(sizes.argmax())
+    return mask & ~(ndimage.binary_dilation(core, ball) & mask)
+
+
+def far_csf(classes: np.ndarray, scheme: LabelScheme, voxel_size: float, reach_mm: float) -> np.ndarray:
+    """The CSF voxels of a class map farther than ``reach_mm`` from every other labelled class
+    (see :func:`limit_csf`); none for ``reach_mm`` <= 0 or a scheme without a class named CSF."""
     names = [n.casefold() for n in scheme.names]
-    if reach_mm <= 0 or "csf" not in names:
-        return 0
-    csf = names.index("csf")
-    classes = probs.argmax(0).numpy()
-    tissue = (classes > 0) & (classes != csf)
-    if not tissue.any():
-        return 0
+    tissue = (classes > 0) & (classes != names.index("csf")) if "csf" in names else None
+    if reach_mm <= 0 or tissue is None or not tissue.any():
+        return np.zeros(classes.shape, dtype=bool)
     far = ndimage.distance_transform_edt(~tissue, sampling=voxel_size) > reach_mm
-    return _to_background(probs, (classes == csf) & far)
+    return (classes == names.index("csf")) & far
 
 
 def _to_background(probs: torch.Tensor, mask: np.ndarray) -> int:
