@@ -40,6 +40,9 @@ def test_shipped_recipes_load():
     assert v9.num_filters == v9_2d.num_filters == 24 and (v9.context, v9_2d.context) == (1, 0)  # v8, wider
     assert replace(v9, num_filters=16, lr=v8.lr, lr_step=v8.lr_step) == v8
     assert replace(v9_2d, num_filters=16, lr=v8.lr, lr_step=v8.lr_step) == v8_2d
+    v10, v10_2d = (load_config(ROOT / "configs" / f"synth_cpu_v10{s}.yaml") for s in ("", "_2d"))
+    assert v10.num_filters == v10_2d.num_filters == 32 and (v10.context, v10_2d.context) == (1, 0)  # v9, wider
+    assert replace(v10, num_filters=24, lr=v9.lr) == v9 and replace(v10_2d, num_filters=24, lr=v9.lr) == v9_2d
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
