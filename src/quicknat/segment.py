@@ -139,7 +139,7 @@ class Segmenter:
             also runs down the spinal canal, 20-80 mm from the brain, and a network
             trained on them calls dark head tissue (at the skull base, in the face) CSF: on
             held-out synthetic whole heads 94 % of the labels outside the brain were CSF, over a
-            third of them 20 mm or more from it. At 6 mm (``bench/csf_reach.py``, shipped model) the
+            third of them 20 mm or more from it. At 6 mm (``bench/csf_reach.py``, the stage v9 model) the
             outside-brain share there fell from 2.85 % to 1.42 % and CSF Dice rose from 0.532 to
             0.547 (4 mm: 0.78 %, but CSF Dice 0.530); 93 % of the training maps' CSF lies within
             6 mm of another structure.
