@@ -43,6 +43,10 @@ def test_shipped_recipes_load():
     v10, v10_2d = (load_config(ROOT / "configs" / f"synth_cpu_v10{s}.yaml") for s in ("", "_2d"))
     assert v10.num_filters == v10_2d.num_filters == 32 and (v10.context, v10_2d.context) == (1, 0)  # v9, wider
     assert replace(v10, num_filters=24, lr=v9.lr) == v9 and replace(v10_2d, num_filters=24, lr=v9.lr) == v9_2d
+    v11, v11_2d = (load_config(ROOT / "configs" / f"synth_cpu_v11{s}.yaml") for s in ("", "_2d"))
+    assert v11.weight_power == v11_2d.weight_power == 0.0 and (v11.context, v11_2d.context) == (1, 0)  # unweighted CE
+    same = dict(weight_power=v10.weight_power, lr=v10.lr, lr_step=v10.lr_step, epochs=v10.epochs)
+    assert replace(v11, **same) == v10 and replace(v11_2d, **same) == v10_2d
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
