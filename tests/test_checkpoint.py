@@ -148,6 +148,8 @@ def test_shipped_default_model():
         assert ck.provenance["config"]["weight_power"] == 0.0  # stage v11: unweighted cross-entropy
         assert ck.provenance["view_weights"]["chosen"] == {"coronal": 1, "axial": 1, "sagittal": 1}
         assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == REAL_WITH_FLIP
+        # measured on FSL's whole-head MNI152 (bench --mni-whole-head), no longer "not measured"
+        assert ck.provenance["bench"]["mni152_whole_head_outside_percent"]["with_flip"]["nilearn_brain_mask"] == 1.27
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 

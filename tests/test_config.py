@@ -47,6 +47,10 @@ def test_shipped_recipes_load():
     assert v11.weight_power == v11_2d.weight_power == 0.0 and (v11.context, v11_2d.context) == (1, 0)  # unweighted CE
     same = dict(weight_power=v10.weight_power, lr=v10.lr, lr_step=v10.lr_step, epochs=v10.epochs)
     assert replace(v11, **same) == v10 and replace(v11_2d, **same) == v10_2d
+    v12, v12_2d = (load_config(ROOT / "configs" / f"synth_cpu_v12{s}.yaml") for s in ("", "_2d"))
+    assert v12.dice_weight == v12_2d.dice_weight == 0.0 and (v12.context, v12_2d.context) == (1, 0)  # CE alone
+    same = dict(dice_weight=v11.dice_weight, epochs=v11.epochs)
+    assert replace(v12, **same) == v11 and replace(v12_2d, **same) == v11_2d
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
