@@ -51,6 +51,9 @@ def test_shipped_recipes_load():
     assert v12.dice_weight == v12_2d.dice_weight == 0.0 and (v12.context, v12_2d.context) == (1, 0)  # CE alone
     same = dict(dice_weight=v11.dice_weight, epochs=v11.epochs)
     assert replace(v12, **same) == v11 and replace(v12_2d, **same) == v11_2d
+    v13 = load_config(ROOT / "configs" / "synth_cpu_v13_15mm.yaml")  # the 1.5 mm probe: grid and crop only
+    assert (v13.conform.voxel_size, v13.conform.shape, v13.synth.crop) == (1.5, (176, 176, 176), 128)
+    assert replace(v13, conform=v11.conform, synth=v11.synth, epochs=v11.epochs) == v11
     v2 = load_config(ROOT / "configs" / "synth_cpu_v2.yaml")
     assert v2.conform.voxel_size == 2.0 and v2.synth.priors and v2.synth.random_share == 0.25
 
