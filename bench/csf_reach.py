@@ -24,11 +24,12 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from quicknat.cleanup import far_csf, off_brain
 from quicknat.conform import plan_conform
 from quicknat.data.synth import LabelMapSynth, SynthConfig
 from quicknat.io import Volume, load_volume
 from quicknat.labels import get_scheme
-from quicknat.segment import Segmenter, far_csf, off_brain
+from quicknat.segment import Segmenter
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CSF_LABEL = 24

@@ -1,9 +1,12 @@
 """Accuracy of the shipped model and a candidate, side by side in one run, the way models are judged.
 
     python bench/default_model_accuracy.py [--candidate PATH] [--baseline default] [--out DIR]
-                                           [--seeds 1] [--skip-synthetic]
+                                           [--variants OPTS...] [--baseline-variants OPTS...]
+                                           [--seeds 1] [--skip-synthetic] [--mni-whole-head PATH]
 
-Columns: the baseline (default: the shipped model) and, with ``--candidate``, a candidate model.
+Columns: the baseline (default: the shipped model) and, with ``--candidate``, a candidate model,
+both without flip averaging; ``--variants`` / ``--baseline-variants`` add columns of the same
+model with other Segmenter options (``flip``: as a model that flips by default runs).
 Every section skips cleanly when its data is absent (``../shared/data`` beside the checkout).
 
 1. **Real scan** (``../shared/data/real_labelled``: one T1 with its FreeSurfer aseg): Dice per
@@ -173,6 +176,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[], metavar="OPTS",
                     help="more candidate columns with Segmenter options, e.g. flip no-clean flip,no-clean (the plain "
                          "columns run without flip averaging)")
+    ap.add_argument("--baseline-variants", nargs="*", default=[], metavar="OPTS",
+                    help="the same for the baseline (e.g. flip: the shipped model as it runs by default)")
     ap.add_argument("--held-out", nargs="+", default=["training_seg_19", "training_seg_20"])
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--priors", type=Path, default=SHARED / "synthseg_priors")
@@ -182,12 +187,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("default_model_check"))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
-    models: dict[str, tuple[str | None, dict[str, bool]]] = {"baseline": (args.baseline, {"flip": False})}
-    if args.candidate:
-        models["candidate"] = (args.candidate, {"flip": False})
-        for v in args.variants:
-            opts = {o.removeprefix("no-"): not o.startswith("no-") for o in v.split(",")}
-            models["candidate+" + v.replace(",", "+")] = (args.candidate, {"flip": False, **opts})
+    models: dict[str, tuple[str | None, dict[str, bool]]] = {}
+    for tag, path, variants in (("baseline", args.baseline, args.baseline_variants),
+                                ("candidate", args.candidate, args.variants)):
+        if tag == "baseline" or path:
+            models[tag] = (path, {"flip": False})
+            for v in variants:
+                opts = {o.removeprefix("no-"): not o.startswith("no-") for o in v.split(",")}
+                models[f"{tag}+" + v.replace(",", "+")] = (path, {"flip": False, **opts})
     table: dict[str, dict[str, float]] = {}
     per_structure: dict[str, dict[str, float]] = {}
     for tag, (path, opts) in models.items():

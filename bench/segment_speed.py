@@ -26,14 +26,14 @@ import numpy as np
 import torch
 
 from quicknat.checkpoint import make_checkpoint, save_checkpoint, save_model
-from quicknat.conform import ConformSettings
+from quicknat.conform import ConformSettings, plan_conform
 from quicknat.data.phantom import make_phantom
 from quicknat.io import load_volume, save_volume, stem
 from quicknat.labels import ASEG33
 from quicknat.model import QuickNAT, QuickNATConfig
 from quicknat.outputs import write_outputs
 from quicknat.segment import EMPTY_SLICE, Segmenter, SpeedPaths, head_box
-from quicknat.views import VIEWS, slice_box, slices
+from quicknat.views import VIEWS, get_view, slice_box, slices
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_SCAN = ROOT.parent / "shared" / "data" / "t1_unlabelled" / "whole_head_t1.nii.gz"
@@ -161,18 +161,21 @@ def main() -> int:
         ref_rows, ref_res = stage_rows(ref, scan, tmp / "ref")
         agree = float((ref_res.classes == res.classes).mean())
 
-    # the slices the network ran on: whole conformed slices crossing the head's box, non-empty
+    # the slices the network ran on: whole conformed slices crossing the head's box, non-empty,
+    # each view on its own grid (a model's views may run on different grids)
     conformed = res.conformed_image
-    start, stop = head_box(conformed)
-    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
     stacks = {}
-    for name in VIEWS:
-        st = slices(conformed, name)[slice_box(box, name)[0]]
+    for name in (v for v in VIEWS if v in seg.nets):
+        grid = seg.model.views[name].conform
+        image = conformed if grid == res.plan.settings else plan_conform(res.volume, grid).image(res.volume.array)
+        start, stop = head_box(image)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+        st = slices(image, name)[slice_box(box, name)[0]]
         keep = st.reshape(len(st), -1).max(1) > EMPTY_SLICE
         stacks[name] = np.ascontiguousarray(st[keep])
     n_slices = sum(len(v) for v in stacks.values())
-    h, w = conformed.shape[1:]
-    flops = sum(conv_flops(seg.nets[v], *stacks[v].shape[1:]) * len(stacks[v]) for v in stacks)
+    runs = {v: 2 if seg.flip and get_view(v).lateral_in_plane else 1 for v in stacks}  # flip: twice
+    flops = sum(conv_flops(seg.nets[v], *stacks[v].shape[1:]) * len(stacks[v]) * runs[v] for v in stacks)
     rate = machine_rate(dev)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
@@ -201,7 +204,9 @@ def main() -> int:
         print(f"reference path: SpeedPaths.reference(), batch 1, float32; voxels agreeing with it: {agree:.6f}")
 
     net_s = res.timings["network"]
-    print(f"\nwork: {n_slices} slices x {flops / n_slices / 1e9:.2f} GFLOP = {flops / 1e12:.3f} TFLOP; "
+    passes = sum(len(stacks[v]) * runs[v] for v in stacks)
+    print(f"\nwork: {passes} slice passes ({n_slices} slices, flip runs the coronal and axial ones twice) x "
+          f"{flops / passes / 1e9:.2f} GFLOP = {flops / 1e12:.3f} TFLOP; "
           f"machine {rate / 1e9:.0f} GFLOP/s (float32 matmul)")
     print(f"floor {flops / rate:.2f} s; network {net_s:.2f} s = {flops / net_s / 1e9:.0f} GFLOP/s "
           f"({100 * flops / net_s / rate:.0f} % of the machine rate)")
@@ -222,17 +227,18 @@ def main() -> int:
     taken = sum(len(v) for v in sample.values())
     scale = n_slices / taken
     ours = run_views(seg, sample, seg.nets) * scale
-    print(f"\nnetwork forward over {taken} of the {n_slices} slices, scaled to all ({h}x{w} slices):")
+    sizes = ", ".join(sorted({f"{st.shape[1]}x{st.shape[2]}" for st in stacks.values()}))
+    print(f"\nnetwork forward over {taken} of the {n_slices} slices, scaled to all ({sizes} slices):")
     print(f"{'network':<28}{'seconds':>10}{'ratio':>10}")
     print(f"{'quicknat (this)':<28}{ours:>10.2f}{1.0:>10.2f}")
     if not args.no_peer:
-        pad = ((-h) % 16, (-w) % 16)  # MONAI's Quicknat needs sizes divisible by 16
         peers = {}
         for v in sample:
             n_cls = seg.nets[v].config.num_classes
             pnet = Quicknat(num_classes=n_cls, num_channels=1, num_filters=args.filters, se_block="None", drop_out=0)
             peers[v] = pnet.eval().to(dev, memory_format=torch.channels_last)
-        padded = {v: np.pad(st, ((0, 0), (0, pad[0]), (0, pad[1]))) for v, st in sample.items()}
+        # MONAI's Quicknat needs sizes divisible by 16
+        padded = {v: np.pad(st, ((0, 0), (0, -st.shape[1] % 16), (0, -st.shape[2] % 16))) for v, st in sample.items()}
         peer = run_views(seg, padded, peers) * scale
         print(f"{'MONAI Quicknat (peer)':<28}{peer:>10.2f}{peer / ours:>10.2f}")
 

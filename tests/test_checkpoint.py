@@ -97,9 +97,16 @@ def test_model_folder_and_disagreement(tmp_path):
     save_checkpoint(_ck("axial", scheme=TISSUE), bad / "axial.pt")
     with pytest.raises(QuicknatInputError, match="label scheme"):
         load_model(bad)
-    save_checkpoint(_ck("axial", settings=ConformSettings()), bad / "axial.pt")
+    save_checkpoint(_ck("axial", settings=ConformSettings(2.0, (32, 32, 32), orientation="RAS")), bad / "axial.pt")
     with pytest.raises(QuicknatInputError, match="conform"):
         load_model(bad)
+    # views may run on different grids (voxel size and shape): the finest is the model's
+    fine = ConformSettings(voxel_size=1.5, shape=(40, 40, 40))
+    save_checkpoint(_ck("axial", settings=fine), bad / "axial.pt")
+    save_checkpoint(_ck("sagittal"), bad / "sagittal.pt")
+    save_checkpoint(_ck("coronal"), bad / "coronal.pt")
+    mixed = load_model(bad)
+    assert mixed.conform == fine and mixed.grids == {fine: ["axial"], S: ["coronal", "sagittal"]}
     with pytest.raises(QuicknatInputError, match="listed as"):
         Model({"axial": load_checkpoint(paths["coronal"])}, {"axial": 1.0})
 
@@ -114,12 +121,13 @@ def test_missing_model(tmp_path, monkeypatch):
         load_model(tmp_path / "nope")
 
 
-REAL_WITH_FLIP = 0.800  # the model card's real-scan figure (bench/default_model_accuracy.py)
+REAL_WITH_FLIP = 0.803  # the model card's real-scan figure (bench/default_model_accuracy.py)
 
 
 def test_shipped_default_model():
     m = load_model(None)
     assert set(m.views) == {"coronal", "axial", "sagittal"} and m.scheme.name == "aseg33"
+    assert m.conform.voxel_size == 1.5 and m.flip  # aggregated on the sagittal view's grid; flip averaging on
     assert m.weights == {"coronal": 1.0, "axial": 1.0, "sagittal": 1.0}  # chosen by bench/view_weights.py
     for view, ck in m.views.items():
         raw = torch.load(ck.path, weights_only=True)
@@ -129,9 +137,11 @@ def test_shipped_default_model():
         # the v4 recipe (crops) trained the coronal and axial views twice (stages v4, v5), the sagittal once (v5);
         # then the coronal and axial views went 2.5D (stage v6: a slice and its two neighbours as input) and
         # trained on narrower image degradations (stage v7); stage v8 (dropout 0.05) trained all three; stage v9
-        # widened all three to 24 filters, stage v10 to 32; stage v11 dropped the CE's class weights
+        # widened all three to 24 filters, stage v10 to 32; stage v11 dropped the CE's class weights; stage v13
+        # trained the sagittal view on a 1.5 mm grid
         crops = ["configs/synth_cpu_v4.yaml", "configs/synth_cpu_v8_2d.yaml", "configs/synth_cpu_v9_2d.yaml",
-                 "configs/synth_cpu_v10_2d.yaml", "configs/synth_cpu_v11_2d.yaml"] \
+                 "configs/synth_cpu_v10_2d.yaml", "configs/synth_cpu_v11_2d.yaml",
+                 "configs/synth_cpu_v13_15mm_2d.yaml"] \
             if view == "sagittal" else ["configs/synth_cpu_v4.yaml"] * 2 + [
                 "configs/synth_cpu_v6.yaml", "configs/synth_cpu_v7.yaml", "configs/synth_cpu_v8.yaml",
                 "configs/synth_cpu_v9.yaml", "configs/synth_cpu_v10.yaml", "configs/synth_cpu_v11.yaml"]
@@ -141,7 +151,10 @@ def test_shipped_default_model():
         assert ck.provenance["config"].get("context", 0) == (0 if view == "sagittal" else 1)  # 0 before the key
         # the last stages (T1-like samples only) trained all three views
         assert ck.provenance["config"]["synth"]["random_share"] == 0.0
-        assert ck.provenance["config"]["synth"]["crop"] == 96
+        fine = view == "sagittal"  # the views run on two grids; the model aggregates on the finer
+        assert ck.provenance["config"]["synth"]["crop"] == (128 if fine else 96)
+        assert ck.conform.voxel_size == (1.5 if fine else 2.0)
+        assert ck.conform.shape == ((176,) * 3 if fine else (128,) * 3)
         assert ck.provenance["config"]["synth"]["thick_prob"] == 0.1  # v7's narrower degradations
         assert ck.config.dropout == 0.05 and ck.provenance["config"]["dropout"] == 0.05  # stage v8
         assert ck.config.num_filters == 32 == ck.provenance["config"]["num_filters"]
@@ -149,7 +162,7 @@ def test_shipped_default_model():
         assert ck.provenance["view_weights"]["chosen"] == {"coronal": 1, "axial": 1, "sagittal": 1}
         assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == REAL_WITH_FLIP
         # measured on FSL's whole-head MNI152 (bench --mni-whole-head), no longer "not measured"
-        assert ck.provenance["bench"]["mni152_whole_head_outside_percent"]["with_flip"]["nilearn_brain_mask"] == 1.27
+        assert ck.provenance["bench"]["mni152_whole_head_outside_percent"]["with_flip"]["nilearn_brain_mask"] == 0.97
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 
@@ -208,3 +221,30 @@ def test_export_view_weights(tmp_path, tiny_model, capsys):
     (tmp_path / "eq" / "model.json").write_text(json.dumps(spec))
     with pytest.raises(QuicknatInputError, match="axial view's weight"):
         load_model(tmp_path / "eq")
+
+
+def test_model_flip_default_travels_in_model_json(tmp_path, tiny_model, capsys):
+    import json
+
+    from quicknat.cli import main
+    from quicknat.segment import Segmenter
+
+    assert load_model(tiny_model).flip  # no "flip" in model.json: on
+    assert main(["export", str(tiny_model), "-o", str(tmp_path / "off"), "--default-flip", "off"]) == 0
+    assert json.loads((tmp_path / "off" / "model.json").read_text())["flip"] is False
+    off = load_model(tmp_path / "off")
+    assert off.flip is False
+    assert Segmenter(off, device="cpu").flip is False  # the model's choice ...
+    assert Segmenter(off, device="cpu", flip=True).flip is True  # ... unless the caller says otherwise
+    assert Segmenter(tiny_model, device="cpu").flip is True
+    # replacing a view keeps the model's choice; --default-flip overrides it
+    last = tiny_model / "coronal" / "last.pt"
+    assert main(["export", str(tmp_path / "off"), str(last), "-o", str(tmp_path / "re")]) == 0
+    assert load_model(tmp_path / "re").flip is False
+    assert main(["export", str(tmp_path / "off"), "-o", str(tmp_path / "on"), "--default-flip", "on"]) == 0
+    assert load_model(tmp_path / "on").flip is True
+    spec = json.loads((tmp_path / "on" / "model.json").read_text())
+    spec["flip"] = "yes"
+    (tmp_path / "on" / "model.json").write_text(json.dumps(spec))
+    with pytest.raises(QuicknatInputError, match="flip must be true or false"):
+        load_model(tmp_path / "on")

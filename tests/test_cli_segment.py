@@ -143,3 +143,11 @@ def test_cli_post_processing_defaults_and_flags_reach_the_sidecar(tmp_path, tiny
         runs[name] = json.loads(sidecar.read_text())["options"]
     assert runs["default"]["clean"] is True and runs["default"]["csf_reach_mm"] == 6.0
     assert runs["off"]["clean"] is False and runs["off"]["csf_reach_mm"] == 0.0
+    assert runs["default"]["flip"] is False
+    # without --flip/--no-flip the model's own choice runs, and the sidecar says which
+    assert main(["export", str(tiny_model), "-o", str(tmp_path / "m"), "--default-flip", "off"]) == 0
+    for model, flags, flip in ((tmp_path / "m", [], False), (tmp_path / "m", ["--flip"], True)):
+        out = tmp_path / f"m{len(flags)}"
+        assert main(["segment", str(ip), "-o", str(out), "--model", str(model), "--no-overlay", *flags]) == 0
+        (sidecar,) = out.glob("*_seg.json")
+        assert json.loads(sidecar.read_text())["options"]["flip"] is flip

@@ -142,7 +142,7 @@ def test_flip_averaging_is_left_right_equivariant(tmp_path, tiny_model):
 
 
 def test_keep_brain_component_drops_a_scalp_rim_and_keeps_the_brain():
-    from quicknat.segment import keep_brain_component
+    from quicknat.cleanup import keep_brain_component
 
     zz, yy, xx = np.mgrid[:40, :40, :40]
     d = (zz - 20) ** 2 + (yy - 20) ** 2 + (xx - 20) ** 2
@@ -159,8 +159,8 @@ def test_keep_brain_component_drops_a_scalp_rim_and_keeps_the_brain():
 
 
 def test_limit_csf_drops_csf_far_from_the_brain_and_nothing_else():
+    from quicknat.cleanup import limit_csf
     from quicknat.labels import LabelClass, LabelScheme, get_scheme
-    from quicknat.segment import limit_csf
 
     scheme = get_scheme("aseg33")
     csf, wm = scheme.names.index("CSF"), scheme.names.index("Left-Cerebral-White-Matter")
@@ -234,3 +234,40 @@ def test_context_views_see_the_whole_volume_beyond_the_head_box(tmp_path, tiny_m
     d = dice_per_class(fast.classes, ref.classes, range(1, TEST_SCHEME.num_classes))
     assert min(d.values()) >= 0.999, d
     assert not np.array_equal(fast.classes, flat.classes)  # the neighbours count
+
+
+def test_views_on_different_grids_aggregate_on_the_finest(tiny_model):
+    """A model whose views run on different grids: each grid's views run on the scan conformed
+    to it, and the coarser grid's probabilities are resampled onto the finest before the sum."""
+    from dataclasses import replace
+
+    img, lab = make_phantom(seed=10, **PHANTOM)
+    ref, _ = TEST_SCHEME.encode(lab.array)
+    full = load_model(tiny_model)
+    one = Segmenter(full, device="cpu", flip=False).segment(img)
+
+    def regrid(view, **change):
+        return replace(full.views[view], conform=replace(TEST_CONFORM, **change))
+
+    # the same voxel size on a larger grid: the resampling is an exact shift, so the segmentation
+    # is the one-grid segmentation (up to what the networks see beyond the old grid's edge)
+    wide = Model({"coronal": full.views["coronal"], "axial": regrid("axial", shape=(96, 96, 96)),
+                  "sagittal": full.views["sagittal"]}, full.weights)
+    assert wide.conform == TEST_CONFORM and len(wide.grids) == 2
+    res = Segmenter(wide, device="cpu", flip=False).segment(img)
+    assert res.classes.shape == img.shape and res.plan.settings == TEST_CONFORM
+    agree = dice_per_class(res.classes, one.classes, range(1, TEST_SCHEME.num_classes))
+    assert min(agree.values()) > 0.99, agree
+    # a finer grid for one view: the others (coarser) are resampled onto it, and the result still
+    # matches the phantom
+    fine = replace(TEST_CONFORM, voxel_size=2.0, shape=(80, 80, 80))
+    mixed = Model({"coronal": full.views["coronal"], "axial": regrid("axial", voxel_size=2.0, shape=(80, 80, 80)),
+                   "sagittal": full.views["sagittal"]}, full.weights)
+    seg = Segmenter(mixed, device="cpu", flip=False)
+    assert seg.settings == fine
+    res = seg.segment(img, mc=2)  # the MC path aggregates the grids too
+    assert res.conformed_classes.shape == fine.shape and res.classes.shape == img.shape
+    dice = dice_per_class(res.classes, ref, range(1, TEST_SCHEME.num_classes))
+    assert np.mean(list(dice.values())) > 0.85, dice
+    with pytest.raises(ValueError, match="several grids"):
+        seg.probabilities(res.conformed_image)

@@ -15,11 +15,13 @@ against that.
 A *model* is a folder with ``model.json``::
 
     {"format": "quicknat-model", "format_version": 1,
-     "views": {"coronal": {"file": "coronal.pt", "weight": 0.4}, ...}}
+     "views": {"coronal": {"file": "coronal.pt", "weight": 0.4}, ...}, "flip": true}
 
 (a folder of ``coronal.pt``/``axial.pt``/``sagittal.pt`` without ``model.json`` works too, with
 the default weights), or a single view checkpoint file. Loading refuses views whose label schemes
-or conform settings disagree.
+or conform settings disagree; only the grid (voxel size and shape) may differ between views, and
+:class:`quicknat.segment.Segmenter` aggregates them on the finest. :mod:`quicknat.export` writes
+models for shipping.
 """
 
 from __future__ import annotations
@@ -183,6 +185,7 @@ class Model:
     views: dict[str, ViewCheckpoint]
     weights: dict[str, float]
     path: Path | None = None
+    flip: bool = True  # test-time left-right flip averaging unless the caller says otherwise
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -194,8 +197,9 @@ class Model:
                 raise QuicknatInputError(where, f"holds the {ck.view} view, listed as {name}")
             if ck.scheme != first.scheme:
                 raise QuicknatInputError(where, f"label scheme {ck.scheme.name!r} disagrees with {first.view}'s")
-            if ck.conform != first.conform:
-                raise QuicknatInputError(where, f"conform settings disagree with {first.view}'s")
+            if replace(ck.conform, voxel_size=first.conform.voxel_size, shape=first.conform.shape) != first.conform:
+                raise QuicknatInputError(where, f"conform settings disagree with {first.view}'s (only the grid's "
+                                                "voxel size and shape may differ)")
 
     @property
     def scheme(self) -> LabelScheme:
@@ -203,7 +207,16 @@ class Model:
 
     @property
     def conform(self) -> ConformSettings:
-        return next(iter(self.views.values())).conform
+        """The finest grid of the model's views: where their probabilities are aggregated."""
+        return min((ck.conform for ck in self.views.values()), key=lambda c: c.voxel_size)
+
+    @property
+    def grids(self) -> dict[ConformSettings, list[str]]:
+        """The views grouped by the grid they run on, the finest (:attr:`conform`) first."""
+        out: dict[ConformSettings, list[str]] = {self.conform: []}
+        for name, ck in self.views.items():
+            out.setdefault(ck.conform, []).append(name)
+        return out
 
 
 def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, reset_classifier: bool) -> None:
@@ -244,8 +257,10 @@ def load_init(net: QuickNAT, init: str | Path, view: str, scheme: LabelScheme, r
     net.load_state_dict(state, strict=True)
 
 
-def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: dict[str, float] | None = None) -> Path:
-    """Write ``model.json`` in ``folder`` naming view checkpoint files (relative to it)."""
+def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: dict[str, float] | None = None,
+               flip: bool = True) -> Path:
+    """Write ``model.json`` in ``folder`` naming view checkpoint files (relative to it), their
+    aggregation weights and whether the model runs with test-time flip averaging by default."""
     folder = Path(folder)
     weights = weights or {v: VIEWS[v].weight for v in checkpoints}
     spec = {
@@ -254,43 +269,10 @@ def save_model(folder: str | Path, checkpoints: dict[str, str | Path], weights: 
         "views": {
             v: {"file": os.path.relpath(Path(p), folder), "weight": float(weights[v])} for v, p in checkpoints.items()
         },
+        "flip": bool(flip),
     }
     atomic_write_text(folder / "model.json", json.dumps(spec, indent=2) + "\n")
     return folder / "model.json"
-
-
-def export_model(sources: list[str | Path], out: str | Path, *, provenance: dict[str, Any] | None = None,
-                 half: bool = True, weights: dict[str, float] | None = None) -> Path:
-    """Gather view checkpoints into a model folder for shipping: weights only (float16 by
-    default), without training state, ``provenance`` merged into each view's provenance.
-
-    ``sources`` are checkpoint files or run/model folders (their ``VIEW.pt`` files); each
-    checkpoint says which view it holds, and a later source's view replaces an earlier one's.
-    A view's aggregation weight is, in order of precedence: ``weights``; the weight the first
-    source's ``model.json`` gives it when that source is a model folder (the model being updated:
-    replacing its views keeps its weights); the view's default (:data:`quicknat.views.VIEWS`).
-    """
-    out = Path(out)
-    found: dict[str, ViewCheckpoint] = {}
-    base_spec = Path(sources[0]) / "model.json"
-    inherited = {v: w for v, (_, w) in read_model_spec(base_spec).items()} if base_spec.is_file() else {}
-    for src in map(Path, sources):
-        files = [src / f"{v}.pt" for v in VIEWS if (src / f"{v}.pt").exists()] if src.is_dir() else [src]
-        if not files:
-            raise QuicknatInputError(src, "holds no view checkpoint (coronal.pt, axial.pt, sagittal.pt)")
-        for f in files:
-            ck = load_checkpoint(f)
-            found[ck.view] = ck
-    views = {v: found[v] for v in VIEWS if v in found}
-    chosen = check_weights({v: VIEWS[v].weight for v in views} | inherited | (weights or {}), views, out)
-    model = Model(views, chosen, out)  # schemes and conform settings agree
-    paths = {}
-    for view, ck in views.items():
-        ck.training_state = None
-        ck.provenance = {**ck.provenance, **(provenance or {})}
-        paths[view] = save_checkpoint(ck, out / f"{view}.pt", half=half)
-    save_model(out, paths, model.weights)
-    return out
 
 
 def check_weights(weights: dict[str, float], views: Iterable[str], where: str | Path) -> dict[str, float]:
@@ -305,18 +287,6 @@ def check_weights(weights: dict[str, float], views: Iterable[str], where: str | 
     if weights and sum(weights.values()) <= 0:
         raise QuicknatInputError(where, "the view weights sum to 0")
     return {v: float(w) for v, w in weights.items()}
-
-
-def parse_view_weights(items: list[str]) -> dict[str, float]:
-    """``["coronal=1", "axial=0.5"]`` -> ``{"coronal": 1.0, "axial": 0.5}`` (the CLI's ``--weights``)."""
-    weights = {}
-    for item in items:
-        view, _, value = item.partition("=")
-        try:
-            weights[view] = float(value)
-        except ValueError:
-            raise QuicknatInputError(None, f"--weights {item!r}: expected VIEW=NUMBER") from None
-    return weights
 
 
 def installed_models() -> dict[str, Path]:
@@ -352,8 +322,9 @@ def load_model(model: str | Path | Model | None = None) -> Model:
         ck = load_checkpoint(path)
         return Model({ck.view: ck}, {ck.view: 1.0}, path)
     spec_path = path / "model.json"
+    flip = True
     if spec_path.is_file():
-        entries = read_model_spec(spec_path)
+        entries, flip = read_model_spec(spec_path)
     else:
         entries = {v: (path / f"{v}.pt", VIEWS[v].weight) for v in VIEWS if (path / f"{v}.pt").is_file()}
         if not entries:
@@ -361,11 +332,12 @@ def load_model(model: str | Path | Model | None = None) -> Model:
     views = {v: load_checkpoint(p) for v, (p, _) in entries.items()}
     for v in views:
         get_view(v)
-    return Model(views, {v: w for v, (_, w) in entries.items()}, path)
+    return Model(views, {v: w for v, (_, w) in entries.items()}, path, flip)
 
 
-def read_model_spec(spec_path: Path) -> dict[str, tuple[Path, float]]:
-    """A model folder's ``model.json``: view -> (checkpoint file, weight), the weights checked."""
+def read_model_spec(spec_path: Path) -> tuple[dict[str, tuple[Path, float]], bool]:
+    """A model folder's ``model.json``: view -> (checkpoint file, weight), the weights checked;
+    and the model's default for test-time flip averaging (``"flip"``, on when absent)."""
     try:
         spec = json.loads(spec_path.read_text())
         entries = {v: (spec_path.parent / e["file"], float(e["weight"])) for v, e in spec["views"].items()}
@@ -373,5 +345,8 @@ def read_model_spec(spec_path: Path) -> dict[str, tuple[Path, float]]:
         raise QuicknatInputError(spec_path, f"invalid model description ({exc})") from None
     if spec.get("format") != MODEL_FORMAT:
         raise QuicknatInputError(spec_path, "not a quicknat model description")
+    flip = spec.get("flip", True)
+    if not isinstance(flip, bool):
+        raise QuicknatInputError(spec_path, f"invalid model description (flip must be true or false, not {flip!r})")
     check_weights({v: w for v, (_, w) in entries.items()}, entries, spec_path)
-    return entries
+    return entries, flip

@@ -7,7 +7,6 @@ Every subcommand shares the same meaning for ``--device``, ``--batch-size``, ``-
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -58,6 +57,13 @@ def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
 
 
+def _flip_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--flip", action="store_const", const=True, help=f"{prefix}test-time left-right flip averaging "
+                   "(default: the model's choice, model.json; it costs ~1.8x network time)")
+    g.add_argument("--no-flip", dest="flip", action="store_const", const=False, help=f"{prefix}no flip averaging")
+
+
 def _add_prepare_parsers(sub) -> None:
     p = sub.add_parser("prepare", help="prepare a data set (OASIS-1, FreeSurfer subjects, label maps)")
     psub = p.add_subparsers(dest="source", metavar="SOURCE", parser_class=_Parser, required=True)
@@ -96,8 +102,7 @@ def _add_segment_parser(sub) -> None:
     p.add_argument("--posteriors", action="store_true", help="also write class probabilities (4D NIfTI)")
     p.add_argument("--uncertainty", action="store_true", help="with --mc: write the voxel-wise entropy map")
     p.add_argument("--no-overlay", action="store_true", help="do not draw the overlay PNG")
-    p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help="no test-time left-right flip averaging (on by default; it costs ~1.8x network time)")
+    _flip_args(p, "")
     p.add_argument("--no-clean", dest="clean", action="store_false",
                    help="keep labels off the brain's largest connected component (by default they become background)")
     p.add_argument("--csf-reach", type=float, default=6.0, metavar="MM", help="CSF farther than MM from the "
@@ -158,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", type=Path, default=None)
     p.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     p.add_argument("--mc", type=_count, default=0, help="with --model: MC-dropout passes (QC in the report)")
-    p.add_argument("--no-flip", dest="flip", action="store_false",
-                   help="with --model: no test-time left-right flip averaging (as segment --no-flip)")
+    _flip_args(p, "with --model: ")
     p.add_argument("-o", "--output", type=Path, default=None, help="folder (or metrics .csv for file pairs)")
     _common(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -184,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="model folder to write")
     p.add_argument("--provenance", type=Path, help="JSON object merged into each view's provenance (model card)")
     p.add_argument("--float32", action="store_true", help="keep float32 weights")
+    p.add_argument("--default-flip", choices=("on", "off"), default=None,
+                   help="whether the model runs with test-time flip averaging unless segment says otherwise "
+                        "(default: the first source model's choice, else on)")
     p.add_argument("--weights", nargs="+", default=None, metavar="VIEW=W",
                    help="view weights, e.g. coronal=1 axial=1 sagittal=1 (default: the first source's if a model, else "
                         "0.4/0.4/0.2); bench/view_weights.py measures them")
@@ -266,18 +273,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_model, parse_view_weights
+    from .export import export_model, parse_view_weights, read_provenance
 
-    extra = None
-    if args.provenance is not None:
-        try:
-            extra = json.loads(args.provenance.read_text())
-        except (OSError, ValueError) as exc:
-            raise QuicknatInputError(args.provenance, f"cannot read provenance JSON ({exc})") from None
-        if not isinstance(extra, dict):
-            raise QuicknatInputError(args.provenance, "provenance must be a JSON object")
+    extra = None if args.provenance is None else read_provenance(args.provenance)
     out = export_model(args.sources, args.output, provenance=extra, half=not args.float32,
-                       weights=parse_view_weights(args.weights) if args.weights else None)
+                       weights=parse_view_weights(args.weights) if args.weights else None,
+                       flip=None if args.default_flip is None else args.default_flip == "on")
     print(f"wrote model to {out}")
     return 0
 

@@ -173,7 +173,7 @@ def evaluate_files(pred: str | Path, ref: str | Path, scheme: str | Path | Label
 
 def evaluate_model(model, manifest: str | Path, *, split: str = "test", out: str | Path = "quicknat_eval",
                    device: str = "auto", batch_size: int | None = None, mc: int = 0,
-                   flip: bool = True) -> tuple[Path, list[dict]]:
+                   flip: bool | None = None) -> tuple[Path, list[dict]]:
     """Segment a manifest split's scans with ``model`` and score them against their labels.
 
     An aseg33 model scored on a tissue data set (OASIS FSL_SEG) is merged to tissue first.

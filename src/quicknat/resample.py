@@ -143,6 +143,13 @@ def _source_box(m: np.ndarray, start, stop, in_shape) -> tuple[np.ndarray, np.nd
     return np.minimum(a, np.maximum(b - 2, 0)), b
 
 
+def covering_box(m: np.ndarray, out_shape, in_shape) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) of the input voxels that trilinear sampling of a whole ``out_shape`` grid
+    through out->in matrix ``m`` touches, clipped to ``in_shape`` (the whole input if none)."""
+    box = _source_box(m, np.zeros(3, dtype=int), np.asarray(out_shape), in_shape)
+    return box if box is not None else (np.zeros(3, dtype=int), np.asarray(in_shape))
+
+
 def axis_aligned(m: np.ndarray, tol: float = 1e-9) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(perm, scale, offset) when every output axis of out->in matrix ``m`` moves along one input
     axis (any voxel sizes, flips and shifts, no rotation): input axis ``perm[k]`` is at

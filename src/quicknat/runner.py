@@ -132,7 +132,7 @@ def segment_files(
     uncertainty: bool = False,
     overlay: bool = True,
     amp: bool = False,
-    flip: bool = True,
+    flip: bool | None = None,
     clean: bool = True,
     csf_reach_mm: float = 6.0,
     progress: bool = False,
@@ -160,7 +160,7 @@ def segment_files(
     ``outdir`` is given. ``skip_existing`` keeps scans whose outputs are complete and newer than
     their input. With ``stream`` (the default), I/O overlaps compute: the next scan is read in one
     thread and the previous scan's outputs are written in another while the current scan is
-    segmented. ``clean`` and ``csf_reach_mm``: :class:`quicknat.segment.Segmenter`'s. ``max_voxels``
+    segmented. ``flip``, ``clean`` and ``csf_reach_mm``: :class:`quicknat.segment.Segmenter`'s. ``max_voxels``
     raises the voxel limit of :func:`quicknat.io.max_voxels`. ``plan``: the
     result of :func:`quicknat.discover.plan_run` for these arguments, when the caller already has it.
     """
@@ -179,7 +179,7 @@ def segment_files(
     table_path, failures_path, log_path = _run_files(outdir, shard)
     layout = "bids" if bids_mode else "plain"
     meta = {"model": _model_label(model, seg), "quicknat_version": __version__,
-            "options": {"flip": flip, "mc": mc, "clean": clean, "csf_reach_mm": csf_reach_mm, "amp": amp}}
+            "options": {"flip": seg.flip, "mc": mc, "clean": clean, "csf_reach_mm": csf_reach_mm, "amp": amp}}
     wanted = ["seg", "volumes"] + ["tissue"] * tissue + ["posteriors"] * posteriors + ["overlay"] * overlay
     with _log_to(outdir / log_path.name if log_file else None):
         remove_stale_temps(outdir)

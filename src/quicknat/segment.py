@@ -8,7 +8,10 @@ Aggregation follows QuickNAT: each view's softmax probabilities are added, in pl
 accumulator with the view's weight (the model's ``model.json``: 0.4 coronal, 0.4 axial, 0.2
 sagittal by default, equal for the shipped model, measured by ``bench/view_weights.py``; the
 sagittal view's merged left/right classes are copied to both sides first, and the sum is
-renormalised to a probability per voxel). The network sees whole conformed slices, as in
+renormalised to a probability per voxel). Views may run on different grids (checkpoint
+conform settings that differ in voxel size and shape only): the scan is conformed to each, a
+coarser grid's views are aggregated on the part of it covering the finest grid's head box, and
+resampled (trilinear) onto that box before the sum. The network sees whole conformed slices, as in
 training, but only slices that cross the head's bounding box are run and only the box is kept;
 empty slices add background without running the network. A 2.5D view (``in_channels`` > 1 in its
 checkpoint) gets each slice with its neighbours as channels (:func:`quicknat.views.with_context`),
@@ -31,10 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from .checkpoint import Model, load_model
+from .cleanup import far_csf, off_brain, to_background
 from .cohort import volume_summary
 from .conform import ConformPlan, plan_conform
 from .device import resolve_device
@@ -43,7 +46,7 @@ from .io import Volume
 from .labels import LabelScheme
 from .model import set_mc_dropout
 from .qc import mc_dropout_passes
-from .resample import bounding_box
+from .resample import bounding_box, covering_box, resample, sub_matrix
 from .views import channel_view, get_view, slice_box, slices, with_context
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,18 @@ class SpeedPaths:
     @classmethod
     def reference(cls) -> SpeedPaths:
         return cls(False, False, False, False)
+
+
+@dataclass
+class GridInput:
+    """One grid's share of a segmentation: its views, its conformed image, the box they run on
+    and, for a grid coarser than the model's, the matrix from the finest grid's box voxels to
+    this box's voxels."""
+
+    views: list[str]
+    image: torch.Tensor
+    box: tuple[slice, ...]
+    to_grid: np.ndarray | None = None
 
 
 @dataclass
@@ -122,19 +137,21 @@ class Segmenter:
         amp: bfloat16 autocast. Off by default: with the shipped model it changed 0.1 % of
             the voxels and cost a structure up to 0.12 Dice (``bench/segment_speed.py --amp``),
             and quicknat never trades accuracy for speed silently.
-        flip: test-time left-right flip averaging (on by default): the coronal and axial views
+        flip: test-time left-right flip averaging; None (the default) takes the model's choice
+            (``model.json``'s ``"flip"``, on when it does not say): the coronal and axial views
             also run on their slices mirrored left-right, and the mirrored prediction (sides
             swapped back) is averaged in; the sagittal view, which has no sides, runs once. About
             1.8x the network time; with the shipped model +0.009 mean Dice on the real labelled
             scan and on held-out synthetic T1 (``bench/default_model_accuracy.py --variants flip``).
         clean: keep only the brain (on by default): labelled voxels outside the largest connected
             component of the labelled mask, after an opening that cuts thin bridges (see
-            :func:`keep_brain_component`), become background. With the CSF limit below, on held-out
+            :func:`quicknat.cleanup.keep_brain_component`), become background. With the CSF limit below, on held-out
             synthetic whole heads it took the outside-brain share from 1.42 % to 0.99 %
             (``bench/csf_reach.py``); on the real labelled scan and MNI152 (skull-stripped) it
             changed no Dice (``bench/default_model_accuracy.py``).
         csf_reach_mm: CSF (the scheme's class named ``CSF``, if it has one) farther than this from
-            every other labelled structure becomes background (:func:`limit_csf`); 0 (or less) keeps all.
+            every other labelled structure becomes background (:func:`quicknat.cleanup.limit_csf`);
+            0 (or less) keeps all.
             The label maps' CSF is the subarachnoid space around the brain, but in some maps it
             also runs down the spinal canal, 20-80 mm from the brain, and a network
             trained on them calls dark head tissue (at the skull base, in the face) CSF: on
@@ -156,13 +173,13 @@ class Segmenter:
         batch_size: int | None = None,
         amp: bool = False,
         paths: SpeedPaths = SpeedPaths(),
-        flip: bool = True,
+        flip: bool | None = None,
         clean: bool = True,
         csf_reach_mm: float = 6.0,
     ):
         self.model = load_model(model)
         self.progress = False  # tqdm bars over views and MC passes (segment_files sets it on a terminal)
-        self.flip = flip
+        self.flip = self.model.flip if flip is None else flip
         self.clean = clean
         self.csf_reach_mm = csf_reach_mm
         self.paths = paths
@@ -227,24 +244,51 @@ class Segmenter:
             run = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else idx
             target[run] += weight * p.to(acc.dtype)  # a plain slice adds in place, no gather/scatter
 
-    def _aggregate(self, image: torch.Tensor, box: tuple[slice, ...]) -> torch.Tensor:
-        shape = tuple(b.stop - b.start for b in box)
+    def _aggregate(self, grids: list[GridInput], shape: tuple[int, ...]) -> torch.Tensor:
+        """The views' weighted probabilities on the model's (finest) grid's box of ``shape``: views
+        on a coarser grid are aggregated there and resampled (trilinear) onto it."""
         acc = torch.zeros((self.scheme.num_classes, *shape), dtype=torch.float32, device=self.device)
-        for name in tqdm(self.nets, desc="views", unit="view", leave=False, disable=not self.progress):
-            self._view_pass(name, image, box, acc, self.weights[name])
+        for g in grids:
+            box_shape = tuple(b.stop - b.start for b in g.box)
+            own = acc if g.to_grid is None else torch.zeros((self.scheme.num_classes, *box_shape),
+                                                            dtype=torch.float32, device=self.device)
+            for name in tqdm(g.views, desc="views", unit="view", leave=False, disable=not self.progress):
+                self._view_pass(name, g.image, g.box, own, self.weights[name])
+            if g.to_grid is not None:  # onto the finest grid; outside the coarse box its views say background
+                acc += resample(own.cpu(), g.to_grid, shape, "bilinear").to(acc.device)
+                covered = resample(torch.ones(box_shape), g.to_grid, shape, "bilinear").to(acc.device)
+                acc[0] += sum(self.weights[v] for v in g.views) * (1.0 - covered)
         # The sagittal expansion copies a merged pair's probability to both sides, so the sum
         # exceeds 1 there; renormalise (the argmax is unchanged).
         acc /= acc.sum(0, keepdim=True)
         return acc
+
+    def _grid_inputs(self, volume: Volume, plan: ConformPlan, image: torch.Tensor,
+                     region: tuple[slice, ...]) -> list[GridInput]:
+        """Each grid's conformed image and the box its views run on: the finest grid's is
+        ``image`` and ``region``; a coarser grid's covers ``region``, with the matrix from the
+        region's voxels to its box's."""
+        names = list(self.model.grids.values())
+        out = [GridInput(names[0], image, region)]
+        for settings, views in list(self.model.grids.items())[1:]:
+            coarse = plan_conform(volume, settings)
+            to_coarse = np.linalg.inv(coarse.affine) @ plan.affine @ sub_matrix(np.eye(4), [r.start for r in region])
+            start, stop = covering_box(to_coarse, [r.stop - r.start for r in region], coarse.shape)
+            box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+            out.append(GridInput(views, torch.from_numpy(coarse.image(volume.array)), box,
+                                 sub_matrix(np.eye(4), -np.asarray(start)) @ to_coarse))
+        return out
 
     @torch.inference_mode()
     def probabilities(self, conformed: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Class probabilities (C, X, Y, Z) of an image already on the model's conformed grid
         (scaled to [0, 1]): the aggregate of the views, without mapping back."""
         image = torch.as_tensor(np.asarray(conformed, dtype=np.float32))
+        self._one_grid()
         for net in self.nets.values():
             set_mc_dropout(net, False)
-        return self._aggregate(image, tuple(slice(0, n) for n in image.shape))
+        box = tuple(slice(0, n) for n in image.shape)
+        return self._aggregate([GridInput(list(self.nets), image, box)], image.shape)
 
     @torch.inference_mode()
     def view_probabilities(self, conformed: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -253,6 +297,7 @@ class Segmenter:
         :meth:`probabilities` is their weighted sum, normalised. For choosing the view weights
         (``bench/view_weights.py``); it holds one volume of probabilities per view."""
         image = torch.as_tensor(np.asarray(conformed, dtype=np.float32))
+        self._one_grid()
         box = tuple(slice(0, n) for n in image.shape)
         out = {}
         for name, net in self.nets.items():
@@ -290,11 +335,13 @@ class Segmenter:
         passes = max(1, mc)
         for net in self.nets.values():
             set_mc_dropout(net, mc > 0)
+        grids = self._grid_inputs(volume, plan, image, region)
+        shape = tuple(r.stop - r.start for r in region)
         if mc > 0:
             torch.manual_seed(seed)
-            probs, qc = self._mc(image, region, passes)
+            probs, qc = self._mc(grids, shape, passes)
         else:
-            probs = self._aggregate(image, region)
+            probs = self._aggregate(grids, shape)
         timings["network"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -304,7 +351,7 @@ class Segmenter:
         classes[drop] = 0
         if self.clean:
             drop |= off_brain(classes, self.settings.voxel_size)
-        _to_background(probs_cpu, drop)
+        to_background(probs_cpu, drop)
         classes[drop] = 0
         cls_crop = classes.astype(np.uint8)
         conformed_classes = np.zeros(plan.shape, dtype=np.uint8)
@@ -326,62 +373,13 @@ class Segmenter:
             volume, self.scheme, native, plan, conformed, conformed_classes, post, unc, qc, timings
         )
 
-    def _mc(self, image: torch.Tensor, box: tuple[slice, ...], passes: int) -> tuple[torch.Tensor, list[dict]]:
-        return mc_dropout_passes(lambda: self._aggregate(image, box), passes, self.scheme,
+    def _one_grid(self) -> None:
+        if len(self.model.grids) > 1:
+            raise ValueError("the model's views run on several grids: use segment(), which conforms the scan to each")
+
+    def _mc(self, grids: list[GridInput], shape: tuple[int, ...], passes: int) -> tuple[torch.Tensor, list[dict]]:
+        return mc_dropout_passes(lambda: self._aggregate(grids, shape), passes, self.scheme,
                                  self.settings.voxel_size**3, progress=self.progress)
-
-
-def keep_brain_component(probs: torch.Tensor, voxel_size: float, bridge_mm: float = 3.0) -> int:
-    """Set to background (in place) the labelled voxels of ``probs`` (C, X, Y, Z) that are not
-    part of the brain: the labelled mask (argmax > 0) is opened with a ball of radius ``bridge_mm``
-    (cutting bridges thinner than about twice that, such as scalp touching the brain's surface
-    in a few voxels), its largest connected component is kept, dilated back by the same ball and
-    intersected with the mask (the brain's own boundary comes back). Returns the voxels removed."""
-    return _to_background(probs, off_brain(probs.argmax(0).numpy(), voxel_size, bridge_mm))
-
-
-def limit_csf(probs: torch.Tensor, scheme: LabelScheme, voxel_size: float, reach_mm: float) -> int:
-    """Set to background (in place) the voxels of ``probs`` (C, X, Y, Z) whose most likely class
-    is the scheme's ``CSF`` and that lie farther than ``reach_mm`` from every voxel of another
-    labelled class. Returns the voxels changed (0 for a scheme without a class named CSF)."""
-    return _to_background(probs, far_csf(probs.argmax(0).numpy(), scheme, voxel_size, reach_mm))
-
-
-def off_brain(classes: np.ndarray, voxel_size: float, bridge_mm: float = 3.0) -> np.ndarray:
-    """The labelled voxels of a class map off its largest connected component (see
-    :func:`keep_brain_component`)."""
-    mask = classes > 0
-    if not mask.any():
-        return np.zeros_like(mask)
-    r = max(1, int(round(bridge_mm / voxel_size)))
-    zz, yy, xx = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
-    ball = zz**2 + yy**2 + xx**2 <= r * r
-    opened = ndimage.binary_opening(mask, ball)
-    lab, n = ndimage.label(opened if opened.any() else mask)
-    if n == 0:
-        return np.zeros_like(mask)
-    sizes = np.bincount(lab.reshape(-1))
-    sizes[0] = 0
-    core = lab == int(sizes.argmax())
-    return mask & ~(ndimage.binary_dilation(core, ball) & mask)
-
-
-def far_csf(classes: np.ndarray, scheme: LabelScheme, voxel_size: float, reach_mm: float) -> np.ndarray:
-    """The CSF voxels of a class map farther than ``reach_mm`` from every other labelled class
-    (see :func:`limit_csf`); none for ``reach_mm`` <= 0 or a scheme without a class named CSF."""
-    names = [n.casefold() for n in scheme.names]
-    tissue = (classes > 0) & (classes != names.index("csf")) if "csf" in names else None
-    if reach_mm <= 0 or tissue is None or not tissue.any():
-        return np.zeros(classes.shape, dtype=bool)
-    far = ndimage.distance_transform_edt(~tissue, sampling=voxel_size) > reach_mm
-    return (classes == names.index("csf")) & far
-
-
-def _to_background(probs: torch.Tensor, mask: np.ndarray) -> int:
-    drop = torch.from_numpy(mask)
-    probs[:, drop] = 0.0
-    probs[0, drop] = 1.0
-    return int(mask.sum())
 
 
 def head_box(conformed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
