@@ -7,7 +7,7 @@ Weights are coronal,axial,sagittal. **Choose on the held-out synthetic columns**
 never trained on (``../shared/data/label_maps``, T1-like with SynthSeg's priors, ``--seeds``
 random draws each, seeds 20000+). The real labelled scan's column (``../shared/data/real_labelled``)
 is printed beside them as a check, never to pick from: models are judged on real scans we do
-not see. Each volume runs each view once (:meth:`Segmenter.view_probabilities`); a weighting is
+not see. Each volume runs each view once, each on its own grid (:meth:`Segmenter.view_probabilities`); a weighting is
 then a weighted sum, so a row costs no network time. Dice is over the scheme's structures other
 than CSF: for synthetic draws on the conformed grid they are made on, for the real scan on its own
 grid after the way back (as ``default_model_accuracy.py`` measures it).
@@ -24,7 +24,7 @@ import torch
 from quicknat.checkpoint import load_model
 from quicknat.conform import plan_conform
 from quicknat.data.synth import LabelMapSynth, SynthConfig
-from quicknat.io import load_volume
+from quicknat.io import Volume, load_volume
 from quicknat.metrics import dice_per_class
 from quicknat.segment import Segmenter
 
@@ -40,7 +40,7 @@ def mean_dice(pred: np.ndarray, ref: np.ndarray, classes: list[int], num_classes
 
 
 def volumes(seg: Segmenter, names: list[str], seeds: int):
-    """(tag, conformed image, class reference, probabilities -> predicted classes on the reference's grid)
+    """(tag, scan, class reference, probabilities -> predicted classes on the reference's grid)
     for the held-out draws and the real scan."""
     cfg = SynthConfig(random_share=0.0, priors=str(SHARED / "synthseg_priors"), soft=False)
     for name in names:
@@ -49,14 +49,15 @@ def volumes(seg: Segmenter, names: list[str], seeds: int):
             lab = load_volume(path)
             synth = LabelMapSynth([(lab.array, lab.affine)], seg.scheme, seg.settings, cfg)
             for s in range(seeds):
-                img, cls = synth.volume(20_000 + s)
-                yield f"{name} #{s}", img, cls, lambda p: p.argmax(0).numpy()
+                img, cls = synth.volume(20_000 + s)  # on the model's finest grid
+                scan = Volume(img, plan_conform(lab, seg.settings).affine)
+                yield f"{name} #{s}", scan, cls, lambda p: p.argmax(0).numpy()
     img_p, lab_p = SHARED / "real_labelled" / "vxm_t1.nii.gz", SHARED / "real_labelled" / "vxm_aseg.nii.gz"
     if img_p.exists() and lab_p.exists():
         vol, aseg = load_volume(img_p), load_volume(lab_p)
         plan = plan_conform(vol, seg.settings)
         ref = seg.scheme.encode(np.rint(aseg.array).astype(np.int32))[0]
-        yield "real scan", plan.image(vol.array), ref, lambda p: plan.probs_to_native(p, argmax_only=True)
+        yield "real scan", vol, ref, lambda p: plan.probs_to_native(p, argmax_only=True)
 
 
 def main() -> None:

@@ -271,3 +271,15 @@ def test_views_on_different_grids_aggregate_on_the_finest(tiny_model):
     assert np.mean(list(dice.values())) > 0.85, dice
     with pytest.raises(ValueError, match="several grids"):
         seg.probabilities(res.conformed_image)
+    # per view, for choosing weights: given the scan, each view on its own grid, all on the finest;
+    # their weighted sum is the segmentation (no clean-ups: they run after the sum)
+    plain = Segmenter(mixed, device="cpu", flip=False, clean=False, csf_reach_mm=0.0)
+    per_view = plain.view_probabilities(img)
+    assert set(per_view) == set(mixed.views) and all(p.shape[1:] == fine.shape for p in per_view.values())
+    assert torch.allclose(per_view["coronal"].sum(0), torch.ones(1), atol=1e-4)  # resampled, background filled
+    acc = sum(plain.weights[v] * p for v, p in per_view.items())
+    whole = plain.segment(img).conformed_classes
+    agree = dice_per_class(acc.argmax(0).numpy(), whole, range(1, TEST_SCHEME.num_classes))
+    assert min(agree.values()) > 0.99, agree
+    with pytest.raises(ValueError, match="several grids"):
+        plain.view_probabilities(res.conformed_image)

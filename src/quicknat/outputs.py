@@ -19,7 +19,7 @@ from .errors import QuicknatError
 from .io import csv_text, save_volume
 from .labels import ASEG_TO_TISSUE, TISSUE, LabelScheme, merge_labels
 from .report import save_overlay
-from .segment import SegmentationResult
+from .result import SegmentationResult
 
 #: File names per output kind: ``<name>_<suffix>`` (``{d}``: the scheme, ``aseg`` for aseg33).
 LAYOUTS: dict[str, dict[str, str]] = {

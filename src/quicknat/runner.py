@@ -28,7 +28,8 @@ from .discover import Discovery, find_inputs, plan_run, select_shard, shard_from
 from .errors import QuicknatError, QuicknatInputError
 from .io import Volume, load_volume
 from .outputs import example_scan, is_complete, output_names, write_outputs
-from .segment import SegmentationResult, Segmenter
+from .result import SegmentationResult
+from .segment import Segmenter
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +38,14 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Model, load_model
 from .cleanup import far_csf, off_brain, to_background
-from .cohort import volume_summary
 from .conform import ConformPlan, plan_conform
 from .device import resolve_device
 from .errors import QuicknatInputError
 from .io import Volume
-from .labels import LabelScheme
 from .model import set_mc_dropout
 from .qc import mc_dropout_passes
 from .resample import bounding_box, covering_box, resample, sub_matrix
+from .result import SegmentationResult
 from .views import channel_view, get_view, slice_box, slices, with_context
 
 log = logging.getLogger(__name__)
@@ -85,44 +84,6 @@ class GridInput:
     image: torch.Tensor
     box: tuple[slice, ...]
     to_grid: np.ndarray | None = None
-
-
-@dataclass
-class SegmentationResult:
-    """A scan's segmentation on its own grid, plus what the outputs and QC need."""
-
-    volume: Volume
-    scheme: LabelScheme
-    classes: np.ndarray  # native grid, class indices
-    plan: ConformPlan
-    conformed_image: np.ndarray
-    conformed_classes: np.ndarray
-    posteriors: np.ndarray | None = None  # native grid, (C, X, Y, Z) float32
-    uncertainty: np.ndarray | None = None  # native grid, entropy of the mean probability
-    qc: list[dict] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Label IDs of the scheme, on the input's grid."""
-        return self.scheme.decode(self.classes)
-
-    def volumes(self) -> list[dict]:
-        """Volume (mm³) of every structure of the scheme, from the native voxel size, then
-        ``BrainSegVol`` and ``IntracranialVol`` (:func:`quicknat.cohort.volume_summary`)."""
-        counts = np.bincount(self.classes.reshape(-1).astype(np.int64), minlength=self.scheme.num_classes)
-        vv = self.volume.voxel_volume
-        rows = [
-            {
-                "structure": c.name,
-                "label": c.label,
-                "voxels": int(counts[k]),
-                "volume_mm3": round(float(counts[k]) * vv, 3),
-            }
-            for k, c in enumerate(self.scheme.classes)
-            if k != 0
-        ]
-        return rows + volume_summary(rows)
 
 
 class Segmenter:
@@ -254,14 +215,21 @@ class Segmenter:
                                                             dtype=torch.float32, device=self.device)
             for name in tqdm(g.views, desc="views", unit="view", leave=False, disable=not self.progress):
                 self._view_pass(name, g.image, g.box, own, self.weights[name])
-            if g.to_grid is not None:  # onto the finest grid; outside the coarse box its views say background
-                acc += resample(own.cpu(), g.to_grid, shape, "bilinear").to(acc.device)
-                covered = resample(torch.ones(box_shape), g.to_grid, shape, "bilinear").to(acc.device)
-                acc[0] += sum(self.weights[v] for v in g.views) * (1.0 - covered)
+            if g.to_grid is not None:
+                self._onto_finest(own, g, shape, sum(self.weights[v] for v in g.views), acc)
         # The sagittal expansion copies a merged pair's probability to both sides, so the sum
         # exceeds 1 there; renormalise (the argmax is unchanged).
         acc /= acc.sum(0, keepdim=True)
         return acc
+
+    def _onto_finest(self, own: torch.Tensor, g: GridInput, shape: tuple[int, ...], weight: float,
+                     acc: torch.Tensor) -> None:
+        """Add probabilities ``own`` (summing to ``weight``) on coarse grid ``g``'s box into ``acc``
+        on the finest grid's box of ``shape`` (trilinear); where the coarse box does not reach,
+        its views say background."""
+        acc += resample(own.cpu(), g.to_grid, shape, "bilinear").to(acc.device)
+        covered = resample(torch.ones(own.shape[1:]), g.to_grid, shape, "bilinear").to(acc.device)
+        acc[0] += weight * (1.0 - covered)
 
     def _grid_inputs(self, volume: Volume, plan: ConformPlan, image: torch.Tensor,
                      region: tuple[slice, ...]) -> list[GridInput]:
@@ -291,19 +259,33 @@ class Segmenter:
         return self._aggregate([GridInput(list(self.nets), image, box)], image.shape)
 
     @torch.inference_mode()
-    def view_probabilities(self, conformed: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each view's class probabilities (C, X, Y, Z) on the conformed grid, unweighted, as they
-        enter the aggregate (a sagittal merged pair's probability is on both sides, unnormalised):
-        :meth:`probabilities` is their weighted sum, normalised. For choosing the view weights
+    def view_probabilities(self, scan: Volume | np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each view's class probabilities (C, X, Y, Z) on the model's (finest) conformed grid,
+        unweighted, as they enter the aggregate (a sagittal merged pair's probability is on both
+        sides, unnormalised): :meth:`probabilities` is their weighted sum, normalised. ``scan`` is
+        a :class:`~quicknat.io.Volume` (conformed to each view's grid; a view on a coarser grid is
+        resampled onto the finest, background where it does not reach), or, for a model on one
+        grid, an image already conformed to it. For choosing the view weights
         (``bench/view_weights.py``); it holds one volume of probabilities per view."""
-        image = torch.as_tensor(np.asarray(conformed, dtype=np.float32))
-        self._one_grid()
-        box = tuple(slice(0, n) for n in image.shape)
+        if isinstance(scan, Volume):
+            plan = plan_conform(scan, self.settings)
+            image = torch.from_numpy(plan.image(scan.array))
+            grids = self._grid_inputs(scan, plan, image, tuple(slice(0, n) for n in image.shape))
+        else:
+            image = torch.as_tensor(np.asarray(scan, dtype=np.float32))
+            self._one_grid()
+            grids = [GridInput(list(self.nets), image, tuple(slice(0, n) for n in image.shape))]
         out = {}
-        for name, net in self.nets.items():
-            set_mc_dropout(net, False)
-            out[name] = torch.zeros((self.scheme.num_classes, *image.shape), dtype=torch.float32, device=self.device)
-            self._view_pass(name, image, box, out[name], 1.0)
+        for g in grids:
+            for name in g.views:
+                set_mc_dropout(self.nets[name], False)
+                own = torch.zeros((self.scheme.num_classes, *(b.stop - b.start for b in g.box)),
+                                  dtype=torch.float32, device=self.device)
+                self._view_pass(name, g.image, g.box, own, 1.0)
+                if g.to_grid is not None:
+                    own, coarse = torch.zeros((self.scheme.num_classes, *image.shape), device=self.device), own
+                    self._onto_finest(coarse, g, tuple(image.shape), 1.0, own)
+                out[name] = own
         return out
 
     @torch.inference_mode()
