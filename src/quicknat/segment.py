@@ -84,6 +84,7 @@ class GridInput:
     image: torch.Tensor
     box: tuple[slice, ...]
     to_grid: np.ndarray | None = None
+    covered: torch.Tensor | None = None  # how much of each finest-grid voxel the box covers (made once)
 
 
 class Segmenter:
@@ -228,8 +229,9 @@ class Segmenter:
         on the finest grid's box of ``shape`` (trilinear); where the coarse box does not reach,
         its views say background."""
         acc += resample(own.cpu(), g.to_grid, shape, "bilinear").to(acc.device)
-        covered = resample(torch.ones(own.shape[1:]), g.to_grid, shape, "bilinear").to(acc.device)
-        acc[0] += weight * (1.0 - covered)
+        if g.covered is None:  # the same for every view and MC pass
+            g.covered = resample(torch.ones(own.shape[1:]), g.to_grid, shape, "bilinear").to(acc.device)
+        acc[0] += weight * (1.0 - g.covered)
 
     def _grid_inputs(self, volume: Volume, plan: ConformPlan, image: torch.Tensor,
                      region: tuple[slice, ...]) -> list[GridInput]:
