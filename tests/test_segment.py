@@ -281,5 +281,6 @@ def test_views_on_different_grids_aggregate_on_the_finest(tiny_model):
     whole = plain.segment(img).conformed_classes
     agree = dice_per_class(acc.argmax(0).numpy(), whole, range(1, TEST_SCHEME.num_classes))
     assert min(agree.values()) > 0.99, agree
+    assert torch.allclose(plain.probabilities(img), acc / acc.sum(0, keepdim=True), atol=1e-5)
     with pytest.raises(ValueError, match="several grids"):
         plain.view_probabilities(res.conformed_image)
