@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Trains all three views of configs/synth_gpu_v1.yaml on one GPU within a wall-clock budget and
-# writes the exported model, the training logs and the GPU's description to OUTDIR.
+# Trains all three views of configs/synth_gpu_v2.yaml (the sagittal view: its 2D variant
+# configs/synth_gpu_v2_2d.yaml) on one GPU within a wall-clock budget and writes the exported
+# model, the training logs and the GPU's description to OUTDIR.
 #
 #   training/gpu_recipe.sh OUTDIR [DATA]
 #
@@ -34,10 +35,14 @@ QN="python3 -m quicknat.cli"
 { date -u; nvidia-smi -L 2>/dev/null || true; python3 -c "import torch; print('torch', torch.__version__)"; } \
   > "$OUTDIR/machine.txt"
 
-sed "s#^  priors: .*#  priors: $DATA/synthseg_priors#" configs/synth_gpu_v1.yaml > "$WORK/config.yaml"
 extra=()
 [ -n "${QN_EPOCHS:-}" ] && extra+=(--epochs "$QN_EPOCHS")
-[ -n "${QN_STEPS:-}" ] && sed -i "s#^steps_per_epoch: .*#steps_per_epoch: $QN_STEPS#" "$WORK/config.yaml"
+for view in coronal axial sagittal; do  # each view's recipe, with the priors in DATA (and QN_STEPS)
+  recipe=synth_gpu_v2.yaml
+  [ "$view" = sagittal ] && recipe=synth_gpu_v2_2d.yaml
+  { echo "base: $ROOT/configs/$recipe"; [ -n "${QN_STEPS:-}" ] && echo "steps_per_epoch: $QN_STEPS"
+    printf 'synth:\n  priors: %s\n' "$DATA/synthseg_priors"; } > "$WORK/config_$view.yaml"
+done
 
 $QN prepare labelmaps "$DATA/label_maps" -o "$WORK/data" --holdout training_seg_19 training_seg_20 \
   --validation-scan "$DATA/real_labelled/vxm_t1.nii.gz" "$DATA/real_labelled/vxm_aseg.nii.gz" \
@@ -47,7 +52,7 @@ start=$(date +%s)
 pids=()
 for view in coronal axial sagittal; do
   timeout -s INT -k 60 "$BUDGET" $QN train "$WORK/data/manifest.json" -o "$WORK/run_$view" --view "$view" \
-    --config "$WORK/config.yaml" --init src/quicknat/models/default --device "$DEVICE" --workers "$WORKERS" \
+    --config "$WORK/config_$view.yaml" --init src/quicknat/models/default --device "$DEVICE" --workers "$WORKERS" \
     "${extra[@]}" -v > "$WORK/train_$view.log" 2>&1 &
   pids+=($!)
 done
@@ -60,6 +65,6 @@ for view in coronal axial sagittal; do  # a view stopped before its first epoch 
   [ -f "$WORK/run_$view/$view.pt" ] && runs+=("$WORK/run_$view")
 done
 $QN export src/quicknat/models/default "${runs[@]}" -o "$OUTDIR/model" > "$WORK/export.log" 2>&1
-tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" prepare.log export.log config.yaml \
+tar -czf "$OUTDIR/logs.tar.gz" -C "$WORK" prepare.log export.log config_coronal.yaml config_axial.yaml config_sagittal.yaml \
   $(cd "$WORK" && ls train_*.log run_*/*/history.json 2>/dev/null)
 echo "model: $OUTDIR/model"
