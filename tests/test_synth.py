@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import TEST_SCHEME, phantom_files
+from scipy import ndimage
 
 from quicknat.conform import ConformSettings
-from quicknat.data.intensity import T1Priors
+from quicknat.data.intensity import DEPTH_UNIT_MM, T1Priors, cortex_depth, cortex_shift, depth_decay
 from quicknat.data.phantom import make_phantom
 from quicknat.data.synth import LabelMapSynth, SynthConfig
 from quicknat.data.synth_data import SynthSliceDataset
@@ -107,6 +108,43 @@ def test_t1_priors_per_class_and_skull_removal(head, priors):
     assert outside.sum() > 50 and (b[outside] < 0.1).mean() > 0.95
 
 
+def test_cortex_depth_and_shift():
+    ids = np.zeros((1, 1, 8), np.int64)
+    ids[0, 0, :3] = 2  # white matter, then three cortex voxels, then background
+    ids[0, 0, 3:6] = 3
+    depth = cortex_depth(ids, (1.0, 1.0, 1.0))
+    np.testing.assert_array_equal(depth[0, 0] * DEPTH_UNIT_MM, [0, 0, 0, 1, 2, 3, 0, 0])
+    np.testing.assert_allclose(depth_decay(torch.from_numpy(depth[0, 0, 3:6]), 1.0).numpy(),
+                               np.exp([0.0, -1.0, -2.0]), rtol=1e-6)
+    assert not cortex_depth(np.full((2, 2, 2), 3), (1.0, 1.0, 1.0)).any()  # no WM: no gradient
+    shift = cortex_shift(np.array([0, 2, 3, 41, 42]), torch.tensor([0.0, 160, 96, 150, 100]), 0.5)
+    np.testing.assert_allclose(shift.numpy(), [0, 0, 32, 0, 25])
+    assert not cortex_shift(np.array([0, 3]), torch.tensor([0.0, 96]), 0.5).any()
+
+
+def test_cortex_gradient_brightens_deep_cortex_only(head, priors):
+    plain = LabelMapSynth(head, ASEG33, S, SynthConfig(priors=priors, **T1, **QUIET))
+    grad = LabelMapSynth(head, ASEG33, S, SynthConfig(priors=priors, cortex_gradient=1.0, cortex_gradient_mm=2.0,
+                                                      **T1, **QUIET))
+    deep, far, gains = [], [], []
+    for seed in range(4):
+        a, t = plain.sample("coronal", seed, slice_index=40)
+        b, _ = grad.sample("coronal", seed, slice_index=40)
+        a, b, cls = a[0], b[0], t.argmax(0)
+        wm = np.isin(cls, [ASEG33.class_of_label(x) for x in (2, 41)])
+        ctx = np.isin(cls, [ASEG33.class_of_label(x) for x in (3, 42)])
+        d = ndimage.distance_transform_edt(~wm) * S.voxel_size
+        near, away = ctx & (d <= 2), ctx & (d >= 8)
+        assert near.sum() > 20 and away.sum() > 20
+        gains.append((b[near].mean() - a[near].mean()) / (a[wm].mean() - a[near].mean()))
+        deep.append(b[near].mean() - a[near].mean())
+        far.append(abs(b[away].mean() - a[away].mean()))
+        assert abs(b[wm].mean() - a[wm].mean()) < 0.02  # white matter as before
+    # deep cortex moves towards its white matter, by a seeded share of the contrast up to 1
+    assert min(deep) > 0 and 0.1 < max(gains) < 1.0, (deep, far, gains)
+    assert max(far) < 0.25 * max(deep), (deep, far, gains)
+
+
 def test_bad_priors_and_config(tmp_path):
     from quicknat.errors import QuicknatInputError
 
@@ -114,6 +152,10 @@ def test_bad_priors_and_config(tmp_path):
         T1Priors.load(tmp_path)
     with pytest.raises(ValueError, match="probability"):
         SynthConfig(strip_prob=2.0)
+    with pytest.raises(ValueError, match="probability"):
+        SynthConfig(cortex_gradient=1.5)
+    with pytest.raises(ValueError, match="positive"):
+        SynthConfig(cortex_gradient_mm=0.0)
     with pytest.raises(ValueError, match="unknown synth keys"):
         SynthConfig.from_dict({"nosuch": 1})
     assert SynthConfig.from_dict({"t1_share": 0.8}).random_share == pytest.approx(0.2)

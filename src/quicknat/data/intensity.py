@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from ..errors import QuicknatInputError
 
 if TYPE_CHECKING:
-    from .synth import SynthConfig
+    from .synth_config import SynthConfig
 
 # Built-in T1 ranges (mean intensity on a 0-255 scale) when no priors folder is given: our own
 # coarse ordering of real T1 contrast (WM brightest, then deep grey, cortex-like grey, CSF).
@@ -24,6 +25,9 @@ _T1_RANGES = (
     ((3, 42, 8, 47, 17, 53, 18, 54, 80, 136, 137, 163, 164), (75.0, 105.0)),
     ((4, 43, 5, 44, 14, 15, 24, 72, 31, 63, 30, 62, 25, 57), (25.0, 60.0)),
 )
+#: aseg cortex label -> its hemisphere's cerebral white matter (the cortex depth gradient's ends)
+CORTEX_WM = {3: 2, 42: 41}
+DEPTH_UNIT_MM = 0.25  # cortex depth is stored in uint8 steps of this size (up to ~64 mm)
 PRIOR_FILES = ("generation_labels.npy", "generation_classes_contrast_specific.npy", "prior_means_t1.npy",
                "prior_stds_t1.npy")
 
@@ -98,3 +102,34 @@ def sample_intensities(label_ids: np.ndarray, brain: torch.Tensor, groups: dict[
         else:
             means[nonbrain], stds[nonbrain] = means[0], stds[0]
     return means.float(), stds.float()
+
+
+def cortex_depth(ids: np.ndarray, zooms) -> np.ndarray:
+    """Per voxel of a label map, the distance (mm) of a cortex voxel to its nearest cerebral
+    white-matter voxel in ``DEPTH_UNIT_MM`` steps (uint8, 255 at most); 0 elsewhere. A cortex
+    voxel touching white matter is 1 mm deep on a 1 mm map."""
+    wm = np.isin(ids, list(CORTEX_WM.values()))
+    cortex = np.isin(ids, list(CORTEX_WM))
+    out = np.zeros(ids.shape, np.uint8)
+    if wm.any() and cortex.any():
+        d = ndimage.distance_transform_edt(~wm, sampling=zooms)
+        out[cortex] = np.minimum(np.rint(d[cortex] / DEPTH_UNIT_MM), 255).astype(np.uint8)
+    return out
+
+
+def cortex_shift(label_ids: np.ndarray, means: torch.Tensor, amount: float) -> torch.Tensor:
+    """Per label of a map, what the cortex depth gradient adds at the white surface: ``amount``
+    of its hemisphere's WM mean minus its own (0 for every other label, or when the map has no
+    WM for it)."""
+    ids = label_ids.tolist()
+    pos = {lab: k for k, lab in enumerate(ids)}
+    shift = torch.zeros_like(means)
+    for ctx, wm in CORTEX_WM.items():
+        if ctx in pos and wm in pos:
+            shift[pos[ctx]] = amount * (means[pos[wm]] - means[pos[ctx]])
+    return shift
+
+
+def depth_decay(depth: torch.Tensor, length_mm: float) -> torch.Tensor:
+    """exp(-(depth - 1 mm) / length) at most 1, ``depth`` in ``DEPTH_UNIT_MM`` steps."""
+    return torch.exp(-(depth.float() * DEPTH_UNIT_MM - 1.0) / length_mm).clamp(max=1.0)

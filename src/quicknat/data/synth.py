@@ -22,6 +22,10 @@ For each training slice (Billot et al. 2023; defaults from the published SynthSe
    * *random contrast*: per structure (a left/right pair shares one) mean ~ U(25, 225) and
      std ~ U(5, 25); each non-brain head tissue its own.
 
+   Optionally (``cortex_gradient``) cortex is brighter near its white matter, as the deeper,
+   more myelinated layers of real cortex are: a share of the WM - cortex contrast that decays
+   with the voxel's distance to white matter.
+
    Non-brain head tissues are present in all samples but a share ``strip_prob`` (skull
    removed: they become background, zero or background-like noise) and are always labelled
    background.
@@ -49,7 +53,6 @@ slice's.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -59,79 +62,11 @@ from ..conform import ConformSettings, intensity_window, target_rotation
 from ..labels import LabelScheme
 from ..resample import bounding_box
 from ..views import get_view
-from .intensity import T1Priors, sample_intensities
+from .intensity import T1Priors, cortex_depth, cortex_shift, depth_decay, sample_intensities
+from .synth_config import SynthConfig
 from .synth_fields import blur2d, sample_coarse
 
-
-@dataclass(frozen=True)
-class SynthConfig:
-    """The generator's settings (a typed part of :class:`quicknat.config.TrainConfig`)."""
-
-    rotation: float = 15.0
-    scaling: float = 0.2
-    shearing: float = 0.012
-    translation: float = 20.0
-    flip: float = 0.5
-    deform_std: float = 4.0
-    deform_grid: int = 5
-    mean_range: tuple[float, float] = (25.0, 225.0)
-    std_range: tuple[float, float] = (5.0, 25.0)
-    random_share: float = 0.25  # share of random-contrast samples (the rest T1-like)
-    priors: str | None = None  # folder with SynthSeg's T1 priors (see module docstring)
-    strip_prob: float = 0.25
-    head_slices: float = 0.1  # share of slices placed anywhere in the head, brain or not
-    bias_std: float = 0.7
-    bias_grid: int = 4
-    thick_prob: float = 0.3
-    max_thickness: float = 6.0  # mm
-    blur_max: float = 1.0  # conformed voxels
-    noise_max: float = 12.0
-    gamma_std: float = 0.3
-    soft: bool = True  # sub-voxel averaging and soft targets when the grid is coarser than the maps
-    crop: int = 0  # train on crops of crop x crop pixels around the slice's labelled region (0: whole slices)
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name == "priors":
-                if v is not None and not isinstance(v, str):
-                    raise ValueError("synth.priors must be a folder path")
-            elif f.name == "soft":
-                if not isinstance(v, bool):
-                    raise ValueError("synth.soft must be true or false")
-            elif f.name in ("mean_range", "std_range"):
-                if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_number(x) for x in v)
-                        and 0 <= v[0] <= v[1]):
-                    raise ValueError(f"synth.{f.name} must be two numbers low <= high")
-                object.__setattr__(self, f.name, (float(v[0]), float(v[1])))
-            elif not _is_number(v) or v < 0:
-                raise ValueError(f"synth.{f.name} must be a non-negative number")
-        for name in ("flip", "random_share", "strip_prob", "head_slices", "thick_prob"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"synth.{name} is a probability (0-1)")
-        if not isinstance(self.crop, int) or self.crop % 16:
-            raise ValueError("synth.crop must be 0 (whole slices) or a multiple of 16 (the network pools 4 times)")
-        if self.deform_grid < 2 or self.bias_grid < 2:
-            raise ValueError("synth.deform_grid and synth.bias_grid must be at least 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean_range"], d["std_range"] = list(self.mean_range), list(self.std_range)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> SynthConfig:
-        d = dict(d or {})
-        if "t1_share" in d:  # older configs: share of T1-like samples
-            d["random_share"] = 1.0 - float(d.pop("t1_share"))
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown synth keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+__all__ = ["LabelMapSynth", "SynthConfig"]
 
 
 class LabelMapSynth:
@@ -185,9 +120,14 @@ class LabelMapSynth:
             local = (world - centre) @ unit
             return np.stack([local.min(0), local.max(0)])
 
+        depth = None
+        if self.cfg.cortex_gradient > 0:  # cortex depth below its white surface, per label-map voxel
+            zooms = np.linalg.norm(affine[:3, :3], axis=0)
+            depth = torch.from_numpy(cortex_depth(ids, zooms).reshape(-1)).to(self.device)
         return {
             "ids": uniq,
             "flat": torch.from_numpy(inv.reshape(-1).astype(np.int16)).to(self.device),
+            "depth": depth,
             "shape": ids.shape,
             "classes": torch.from_numpy(classes.astype(np.int64)).to(self.device),
             "brain": torch.from_numpy(brain),
@@ -289,6 +229,9 @@ class LabelMapSynth:
         noise_level = float(torch.empty(1).uniform_(0, c.noise_max, generator=g))
         lo, hi = self._window(lm, m, means, stds, g)
         gamma = math.exp(float(torch.randn(1, generator=g)) * c.gamma_std)
+        shift = None
+        if c.cortex_gradient > 0:
+            shift = cortex_shift(lm["ids"], means, float(torch.rand(1, generator=g)) * c.cortex_gradient)
 
         k = self.sub
         sub = (torch.arange(k, dtype=torch.float32) + 0.5) / k - 0.5  # sub-voxel offsets (conformed voxels)
@@ -301,11 +244,15 @@ class LabelMapSynth:
             index = slice_index + d
             norm = self._normalised(self._points(index, axis, torch.zeros(1), torch.zeros(1), window)[0])
             disp = sample_coarse(field, norm).T  # the deformation in label voxels, once per pixel
-            img_lab = self._lookup(lm, m, disp, self._points(index, axis, sub, depth, window))  # (n_sub, H*W)
+            pts = self._points(index, axis, sub, depth, window)
+            img_lab = self._lookup(lm, m, disp, pts)  # (n_sub, H*W)
             if d == 0:  # the target: the class histogram of the k^3 label sub-samples of each pixel
                 lab = img_lab if not thick else self._lookup(lm, m, disp, self._points(index, axis, sub, sub, window))
                 target = self._histogram(lm["classes"][lab], flip)
-            img = (means[img_lab] + stds[img_lab] * torch.randn(img_lab.shape, generator=g).to(self.device)).mean(0)
+            img = means[img_lab] + stds[img_lab] * torch.randn(img_lab.shape, generator=g).to(self.device)
+            if shift is not None:  # deep cortex brighter (towards its white matter)
+                img = img + shift[img_lab] * depth_decay(self._lookup(lm, m, disp, pts, "depth"), c.cortex_gradient_mm)
+            img = img.mean(0)
             img = (img * torch.exp(sample_coarse(bias, norm)[0]).to(self.device)).view(*hw)
             img = blur2d(img, sigma) + torch.randn(hw, generator=g).to(self.device) * noise_level
             images.append(((img.clamp_min(0) - lo) / (hi - lo)).clamp(0, 1).pow(gamma))
@@ -358,9 +305,11 @@ class LabelMapSynth:
         size = torch.tensor([s - 1 for s in self.settings.shape], dtype=torch.float32)
         return (pts.reshape(-1, 3) / size) * 2 - 1
 
-    def _lookup(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor) -> torch.Tensor:
-        """Compact label indices at conformed points (n, P, 3) -> (n, P): the affine ``m``, plus
-        the deformation ``disp`` (P, 3) in label voxels, nearest voxel; outside the map, label 0."""
+    def _lookup(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor,
+                key: str = "flat") -> torch.Tensor:
+        """Compact label indices (or, with ``key="depth"``, cortex depths) at conformed points
+        (n, P, 3) -> (n, P): the affine ``m``, plus the deformation ``disp`` (P, 3) in label
+        voxels, nearest voxel; outside the map, 0."""
         n, p, _ = pts.shape
         vox = pts @ torch.from_numpy(m[:3, :3].T).float() + torch.from_numpy(m[:3, 3]).float()
         if disp is not None:
@@ -372,7 +321,7 @@ class LabelMapSynth:
         idx = torch.minimum(vox.clamp_min(0), hi).to(torch.int32)
         _, d1, d2 = lm["shape"]
         lin = (idx[..., 0] * d1 + idx[..., 1]) * d2 + idx[..., 2]
-        out = lm["flat"].index_select(0, lin.reshape(-1).to(self.device)).view(n, p)
+        out = lm[key].index_select(0, lin.reshape(-1).to(self.device)).view(n, p)
         return out.masked_fill(~inside.to(self.device), 0).long()
 
     def _window(self, lm, m, means, stds, g) -> tuple[float, float]:
