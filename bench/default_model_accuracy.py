@@ -112,23 +112,30 @@ def held_out(seg: Segmenter, names: list[str], seeds: int, priors: Path | None) 
     return out
 
 
-def mni(seg: Segmenter, out: Path, tag: str) -> dict[str, float] | None:
-    try:
-        from nilearn.datasets import (
-            load_mni152_brain_mask,
-            load_mni152_gm_template,
-            load_mni152_template,
-            load_mni152_wm_template,
-        )
-    except ImportError:
-        return None
+def mni_tissue_reference() -> tuple[Volume, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2009 T1, its brain mask, and the tissue reference: argmax(CSF, GM, WM) of
+    its maps inside the mask (1 CSF, 2 GM, 3 WM, 0 outside). Raises ImportError without nilearn."""
+    from nilearn.datasets import (
+        load_mni152_brain_mask,
+        load_mni152_gm_template,
+        load_mni152_template,
+        load_mni152_wm_template,
+    )
     t1 = load_mni152_template(resolution=1)
     gm = load_mni152_gm_template(resolution=1).get_fdata()
     wm = load_mni152_wm_template(resolution=1).get_fdata()
     mask = load_mni152_brain_mask(resolution=1).get_fdata() > 0.5
     csf = np.clip(1 - gm - wm, 0, 1)
     ref = np.where(mask, np.argmax(np.stack([csf, gm, wm]), 0) + 1, 0)
-    res = seg.segment(Volume(np.asarray(t1.get_fdata(), np.float32), t1.affine, path=Path("mni152.nii.gz")))
+    return Volume(np.asarray(t1.get_fdata(), np.float32), t1.affine, path=Path("mni152.nii.gz")), mask, ref
+
+
+def mni(seg: Segmenter, out: Path, tag: str) -> dict[str, float] | None:
+    try:
+        vol, mask, ref = mni_tissue_reference()
+    except ImportError:
+        return None
+    res = seg.segment(vol)
     pred = merge_labels(seg.scheme.decode(res.classes), ASEG_TO_TISSUE)
     scores = {s.structure: s.dice for s in evaluate_pair(np.where(mask, pred, 0), ref, TISSUE, surface=False)}
     write_outputs(res, out, f"mni152_{tag}")
