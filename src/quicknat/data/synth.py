@@ -245,13 +245,14 @@ class LabelMapSynth:
             norm = self._normalised(self._points(index, axis, torch.zeros(1), torch.zeros(1), window)[0])
             disp = sample_coarse(field, norm).T  # the deformation in label voxels, once per pixel
             pts = self._points(index, axis, sub, depth, window)
-            img_lab = self._lookup(lm, m, disp, pts)  # (n_sub, H*W)
+            voxels = self._voxels(lm, m, disp, pts)
+            img_lab = self._gather(lm, "flat", voxels)  # (n_sub, H*W)
             if d == 0:  # the target: the class histogram of the k^3 label sub-samples of each pixel
                 lab = img_lab if not thick else self._lookup(lm, m, disp, self._points(index, axis, sub, sub, window))
                 target = self._histogram(lm["classes"][lab], flip)
             img = means[img_lab] + stds[img_lab] * torch.randn(img_lab.shape, generator=g).to(self.device)
             if shift is not None:  # deep cortex brighter (towards its white matter)
-                img = img + shift[img_lab] * depth_decay(self._lookup(lm, m, disp, pts, "depth"), c.cortex_gradient_mm)
+                img = img + shift[img_lab] * depth_decay(self._gather(lm, "depth", voxels), c.cortex_gradient_mm)
             img = img.mean(0)
             img = (img * torch.exp(sample_coarse(bias, norm)[0]).to(self.device)).view(*hw)
             img = blur2d(img, sigma) + torch.randn(hw, generator=g).to(self.device) * noise_level
@@ -305,12 +306,13 @@ class LabelMapSynth:
         size = torch.tensor([s - 1 for s in self.settings.shape], dtype=torch.float32)
         return (pts.reshape(-1, 3) / size) * 2 - 1
 
-    def _lookup(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor,
-                key: str = "flat") -> torch.Tensor:
-        """Compact label indices (or, with ``key="depth"``, cortex depths) at conformed points
-        (n, P, 3) -> (n, P): the affine ``m``, plus the deformation ``disp`` (P, 3) in label
-        voxels, nearest voxel; outside the map, 0."""
-        n, p, _ = pts.shape
+    def _lookup(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor) -> torch.Tensor:
+        """Compact label indices at conformed points (n, P, 3) -> (n, P) (see :meth:`_voxels`)."""
+        return self._gather(lm, "flat", self._voxels(lm, m, disp, pts))
+
+    def _voxels(self, lm: dict, m: np.ndarray, disp: torch.Tensor | None, pts: torch.Tensor):
+        """Label-map voxels at conformed points (n, P, 3): the affine ``m``, plus the deformation
+        ``disp`` (P, 3) in label voxels, nearest voxel, as (flat index (n, P), outside the map)."""
         vox = pts @ torch.from_numpy(m[:3, :3].T).float() + torch.from_numpy(m[:3, 3]).float()
         if disp is not None:
             vox = vox + disp
@@ -321,8 +323,13 @@ class LabelMapSynth:
         idx = torch.minimum(vox.clamp_min(0), hi).to(torch.int32)
         _, d1, d2 = lm["shape"]
         lin = (idx[..., 0] * d1 + idx[..., 1]) * d2 + idx[..., 2]
-        out = lm[key].index_select(0, lin.reshape(-1).to(self.device)).view(n, p)
-        return out.masked_fill(~inside.to(self.device), 0).long()
+        return lin.to(self.device), ~inside.to(self.device)
+
+    def _gather(self, lm: dict, key: str, voxels) -> torch.Tensor:
+        """A per-voxel array of the map (``flat`` compact labels, ``depth`` cortex depths) at
+        :meth:`_voxels`; 0 outside the map."""
+        lin, outside = voxels
+        return lm[key].index_select(0, lin.reshape(-1)).view(lin.shape).masked_fill(outside, 0).long()
 
     def _window(self, lm, m, means, stds, g) -> tuple[float, float]:
         """The robust intensity window of the whole (deformation-free, unbiased) volume,
