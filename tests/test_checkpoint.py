@@ -121,7 +121,7 @@ def test_missing_model(tmp_path, monkeypatch):
         load_model(tmp_path / "nope")
 
 
-REAL_WITH_FLIP = 0.811  # the model card's real-scan figure (bench/default_model_accuracy.py)
+REAL_WITH_FLIP = 0.813  # the model card's real-scan figure (bench/default_model_accuracy.py)
 
 
 def test_shipped_default_model():
@@ -139,14 +139,17 @@ def test_shipped_default_model():
         # trained on narrower image degradations (stage v7); stage v8 (dropout 0.05) trained all three; stage v9
         # widened all three to 24 filters, stage v10 to 32; stage v11 dropped the CE's class weights; stage v13's
         # recipe trained the axial and sagittal views on a 1.5 mm grid (shipped with stage v14), and a second
-        # learning-rate cycle on that grid (configs/synth_cpu_v15_15mm*.yaml) trained them again (stage v16)
+        # learning-rate cycle on that grid (configs/synth_cpu_v15_15mm*.yaml) trained them again (stage v16);
+        # stage v18 trained them with the cortex depth gradient (the sagittal view after a third v15 cycle)
         crops = ["configs/synth_cpu_v4.yaml", "configs/synth_cpu_v8_2d.yaml", "configs/synth_cpu_v9_2d.yaml",
                  "configs/synth_cpu_v10_2d.yaml", "configs/synth_cpu_v11_2d.yaml",
-                 "configs/synth_cpu_v13_15mm_2d.yaml", "configs/synth_cpu_v15_15mm_2d.yaml"] \
+                 "configs/synth_cpu_v13_15mm_2d.yaml", "configs/synth_cpu_v15_15mm_2d.yaml",
+                 "configs/synth_cpu_v15_15mm_2d.yaml", "configs/synth_cpu_v18_15mm_2d.yaml"] \
             if view == "sagittal" else ["configs/synth_cpu_v4.yaml"] * 2 + [
                 "configs/synth_cpu_v6.yaml", "configs/synth_cpu_v7.yaml", "configs/synth_cpu_v8.yaml",
                 "configs/synth_cpu_v9.yaml", "configs/synth_cpu_v10.yaml", "configs/synth_cpu_v11.yaml"] + (
-                ["configs/synth_cpu_v13_15mm.yaml", "configs/synth_cpu_v15_15mm.yaml"] if view == "axial" else [])
+                ["configs/synth_cpu_v13_15mm.yaml", "configs/synth_cpu_v15_15mm.yaml",
+                 "configs/synth_cpu_v18_15mm.yaml"] if view == "axial" else [])
         assert stages == ["configs/synth_cpu.yaml", "configs/synth_cpu_more.yaml", "configs/synth_cpu_v2.yaml",
                           "configs/synth_cpu_v3.yaml", *crops]
         assert ck.config.in_channels == (1 if view == "sagittal" else 3)
@@ -164,7 +167,7 @@ def test_shipped_default_model():
         assert ck.provenance["view_weights"]["chosen"] == {"coronal": 1, "axial": 1, "sagittal": 1}
         assert ck.provenance["bench"]["real_scan_mean_dice_31"]["with_flip"] == REAL_WITH_FLIP
         # measured on FSL's whole-head MNI152 (bench --mni-whole-head), no longer "not measured"
-        assert ck.provenance["bench"]["mni152_whole_head_outside_percent"]["with_flip"]["nilearn_brain_mask"] == 0.98
+        assert ck.provenance["bench"]["mni152_whole_head_outside_percent"]["with_flip"]["nilearn_brain_mask"] == 0.85
         assert ck.provenance["data"]["validation_maps"] == ["training_seg_19", "training_seg_20"]
 
 
