@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Trains all three views of configs/synth_gpu_v3.yaml (the sagittal view: its 2D variant
-# configs/synth_gpu_v3_2d.yaml) on one GPU within a wall-clock budget and writes the exported
+# Trains all three views of configs/synth_gpu_v2.yaml (the sagittal view: its 2D variant
+# configs/synth_gpu_v2_2d.yaml) on one GPU within a wall-clock budget and writes the exported
 # model, the training logs and the GPU's description to OUTDIR.
 #
 #   training/gpu_recipe.sh OUTDIR [DATA]
@@ -38,8 +38,8 @@ QN="python3 -m quicknat.cli"
 extra=()
 [ -n "${QN_EPOCHS:-}" ] && extra+=(--epochs "$QN_EPOCHS")
 for view in coronal axial sagittal; do  # each view's recipe, with the priors in DATA (and QN_STEPS)
-  recipe=synth_gpu_v3.yaml
-  [ "$view" = sagittal ] && recipe=synth_gpu_v3_2d.yaml
+  recipe=synth_gpu_v2.yaml
+  [ "$view" = sagittal ] && recipe=synth_gpu_v2_2d.yaml
   { echo "base: $ROOT/configs/$recipe"; [ -n "${QN_STEPS:-}" ] && echo "steps_per_epoch: $QN_STEPS"
     printf 'synth:\n  priors: %s\n' "$DATA/synthseg_priors"; } > "$WORK/config_$view.yaml"
 done
