@@ -9,7 +9,7 @@ from scipy import ndimage
 from quicknat.conform import ConformSettings
 from quicknat.data.intensity import DEPTH_UNIT_MM, T1Priors, cortex_depth, cortex_shift, depth_decay
 from quicknat.data.phantom import make_phantom
-from quicknat.data.synth import LabelMapSynth, SynthConfig
+from quicknat.data.synth import LabelMapSynth, SynthConfig, compact_labels
 from quicknat.data.synth_data import SynthSliceDataset
 from quicknat.labels import ASEG33
 from quicknat.losses import QuickNATLoss
@@ -120,6 +120,27 @@ def test_cortex_depth_and_shift():
     shift = cortex_shift(np.array([0, 2, 3, 41, 42]), torch.tensor([0.0, 160, 96, 150, 100]), 0.5)
     np.testing.assert_allclose(shift.numpy(), [0, 0, 32, 0, 25])
     assert not cortex_shift(np.array([0, 3]), torch.tensor([0.0, 96]), 0.5).any()
+
+
+def test_cortex_depth_in_its_box_equals_the_whole_map():
+    rng = np.random.default_rng(0)
+    ids = np.zeros((30, 26, 22), np.int64)  # WM and cortex away from the edges, with other labels around
+    ids[8:20, 6:18, 5:15] = rng.choice([2, 3, 41, 42, 17, 0], size=(12, 12, 10), p=[0.3, 0.3, 0.1, 0.1, 0.1, 0.1])
+    ids[2, 2, 2] = 508  # a non-brain label outside the box
+    zooms = (1.0, 1.2, 0.8)
+    wm, cortex = np.isin(ids, [2, 41]), np.isin(ids, [3, 42])
+    full = ndimage.distance_transform_edt(~wm, sampling=zooms)
+    expected = np.where(cortex, np.minimum(np.rint(full / DEPTH_UNIT_MM), 255), 0)
+    np.testing.assert_array_equal(cortex_depth(ids, zooms), expected)
+
+
+@pytest.mark.parametrize("ids", [np.array([[5, 0, 508], [5, 24, 2]]), np.array([-3, 7, 7, 70000]), np.zeros(0, int)])
+def test_compact_labels_is_unique_with_inverse(ids):
+    uniq, inv = compact_labels(ids)
+    ref_uniq, ref_inv = np.unique(ids, return_inverse=True)
+    np.testing.assert_array_equal(uniq, ref_uniq)
+    np.testing.assert_array_equal(inv.reshape(-1), ref_inv.reshape(-1))
+    assert inv.shape == ids.shape
 
 
 def test_cortex_gradient_brightens_deep_cortex_only(head, priors):

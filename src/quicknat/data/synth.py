@@ -69,6 +69,21 @@ from .synth_fields import blur2d, sample_coarse
 __all__ = ["LabelMapSynth", "SynthConfig"]
 
 
+def compact_labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)`` of an integer label map, by a lookup table when
+    its IDs are small non-negative integers (label maps' are: 0-530): one pass over the map
+    instead of a sort, about 7 s -> 0.3 s for a 256³ map."""
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or hi >= 1 << 16:
+        uniq, inv = np.unique(ids, return_inverse=True)
+        return uniq, inv.reshape(ids.shape)
+    present = np.bincount(ids.reshape(-1), minlength=hi + 1) > 0
+    uniq = np.flatnonzero(present).astype(ids.dtype)
+    lut = np.zeros(hi + 1, dtype=np.int64)
+    lut[uniq] = np.arange(len(uniq))
+    return uniq, lut[ids]
+
+
 class LabelMapSynth:
     """Generates (image slice, class target) pairs from whole-head label maps.
 
@@ -98,12 +113,13 @@ class LabelMapSynth:
         self.sub = max(1, min(3, k))
 
     def _prepare_map(self, arr, affine, brain_ids) -> dict[str, Any]:
-        ids = np.rint(np.asarray(arr)).astype(np.int64)
-        uniq, inv = np.unique(ids, return_inverse=True)
+        # C order once: nibabel's arrays are Fortran-ordered, and every flat view below would copy
+        ids = np.ascontiguousarray(np.rint(np.asarray(arr)), dtype=np.int64)
+        uniq, inv = compact_labels(ids)
         classes, _ = self.scheme.encode(uniq)
         brain = np.isin(uniq, list(brain_ids))
         affine = np.asarray(affine, dtype=np.float64)
-        brain_box = bounding_box(np.isin(ids, uniq[classes > 0]))
+        brain_box = bounding_box((classes > 0)[inv])
         head_box = bounding_box(ids > 0)
         if brain_box is None:
             brain_box = head_box if head_box is not None else (np.zeros(3), np.array(ids.shape))
